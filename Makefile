@@ -1,0 +1,26 @@
+# Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Offline: trains a small RotNet on an image shipped inside matplotlib, saves the checkpoint and a conv1 filter PNG.
+demo: $(STAMP)
+	$(BIN)/keras-oneimage fit --method rotnet --output_dir demo_output --image_size 32 --batch_size 64 \
+	    --epochs 4 --steps_per_epoch 150
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf demo_output .pytest_cache
