@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 @dataclasses.dataclass
@@ -25,10 +26,35 @@ class FitContext:
     output_dir: str | None
 
 
+def unpack_patches(data):
+    """The patch batch from what `fit` hands `train_step`: a tensor, or the first element of a tuple/list."""
+    while isinstance(data, (tuple, list)):
+        data = data[0]
+    return data
+
+
+def scale_loss_for_replicas(loss):
+    """Divide a per-replica mean loss by the replica count, so summed gradients equal the global-batch mean.
+
+    Under a ``tf.distribute`` strategy the optimizer all-reduces (sums) gradients across replicas. Keras ``Loss``
+    objects with the default reduction already apply this scaling, so compute losses with the functional forms
+    (``keras.losses.sparse_categorical_crossentropy`` …) and a plain mean, then scale once here (via
+    `SelfSupervisedMethod.scaled_loss`). Without a strategy it returns ``loss`` unchanged.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        loss = loss * tf.cast(1.0 / replicas, loss.dtype)
+    return loss
+
+
+@keras.saving.register_keras_serializable(package="keras_oneimage")
 class SelfSupervisedMethod(keras.Model):
     """Base class: a method owns ``self.backbone`` (an AlexNet) and implements ``train_step(patches)``.
 
-    ``patches`` is a float32 batch ``(B, S, S, 3)`` in ``[0, 1]`` from ``patch_dataset``.
+    ``patches`` is a float32 batch ``(B, S, S, 3)`` in ``[0, 1]`` from ``patch_dataset``. Subclasses add their
+    constructor options to ``get_config``; the backbone is serialized here, so ``model.keras`` round-trips.
+    `run_training` compiles an uncompiled method with ``compile(optimizer=default_optimizer())``; a method whose
+    ``default_optimizer`` returns a dict (several players) overrides ``compile`` to accept it.
     """
 
     method_name: str = "base"
@@ -37,6 +63,9 @@ class SelfSupervisedMethod(keras.Model):
         super().__init__(**kwargs)
         self.backbone = backbone
 
+    def call(self, x, training=None):
+        return self.backbone(x, training=training)
+
     def default_optimizer(self) -> keras.optimizers.Optimizer | dict:
         """Optimizer used when `fit` is not given one (methods with several players return their own)."""
         return keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
@@ -44,3 +73,30 @@ class SelfSupervisedMethod(keras.Model):
     def method_callbacks(self, context: FitContext) -> list[keras.callbacks.Callback]:
         """Extra callbacks the method needs during `fit` (e.g. DeepCluster's re-clustering). Default: none."""
         return []
+
+    def scaled_loss(self, loss, optimizer=None):
+        """Call inside the ``GradientTape``: the loss to differentiate (replica- and loss-scale-aware).
+
+        Divides by the replica count (see `scale_loss_for_replicas`) and applies the optimizer's loss scale
+        (non-trivial only for a ``mixed_float16`` LossScaleOptimizer).
+        """
+        optimizer = optimizer or self.optimizer
+        return optimizer.scale_loss(scale_loss_for_replicas(loss))
+
+    def minimize(self, scaled_loss, tape: tf.GradientTape, variables=None, optimizer=None) -> None:
+        """One optimizer step on ``scaled_loss`` (from `scaled_loss`, recorded on ``tape``)."""
+        optimizer = optimizer or self.optimizer
+        variables = self.trainable_variables if variables is None else variables
+        grads = tape.gradient(scaled_loss, variables)
+        optimizer.apply(grads, variables)
+
+    def get_config(self) -> dict:
+        base = super().get_config()
+        base = {k: base[k] for k in ("name", "trainable", "dtype") if k in base}
+        return {**base, "backbone": keras.saving.serialize_keras_object(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
+        return cls(**config)

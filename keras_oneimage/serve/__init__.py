@@ -1,0 +1,5 @@
+"""A TF-Serving-REST-compatible server for exported trunks, with request batching (see ``docs/serving.md``)."""
+from keras_oneimage.serve.batching import BatchScheduler, QueueFullError
+from keras_oneimage.serve.server import ModelManager, ServerHandle, make_app, serve, start_in_thread
+
+__all__ = ["BatchScheduler", "ModelManager", "QueueFullError", "ServerHandle", "make_app", "serve", "start_in_thread"]

@@ -1,0 +1,304 @@
+"""Serving benchmark: features/s and latency of the REST server against an in-process call of the same SavedModel.
+
+One run, loopback only, bounded in requests and in time:
+
+1. export a trunk (random weights, or ``--checkpoint``) as a SavedModel, or use ``--model_base_path``;
+2. in-process: load it with ``tf.saved_model.load`` and call ``serving_default`` from 1, 8 and 32 threads, one image
+   per call (the same request pattern as the clients), and once with full batches (the model's peak);
+3. server: start ``keras_oneimage.serve`` in a subprocess on a free 127.0.0.1 port and send the same images as
+   TF-Serving REST requests (``{"instances": [image]}``) from 1, 8 and 32 client threads with keep-alive
+   connections; each response is read whole (and the first one is checked against the in-process features).
+
+"features/s" counts images whose requested feature maps were returned. Prints a table and the ratio of the server's
+throughput to the in-process one; the goal is >= 0.70 at 32 clients. ``--quick`` is a seconds-long smoke test.
+
+    .venv/bin/python experiments/bench_serve.py            # full run (a few minutes on 2 CPU cores)
+    .venv/bin/python experiments/bench_serve.py --quick    # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, ~1 s per level")
+    p.add_argument("--model_base_path", help="serve an existing export base dir instead of exporting one")
+    p.add_argument("--checkpoint", help="export this model.keras instead of a randomly initialised AlexNet")
+    p.add_argument("--variant", default="cifar", choices=("cifar", "imagenet"))
+    p.add_argument("--image_size", type=int, default=32, help="side of the request images")
+    p.add_argument("--layers", default="conv1,conv2", help="comma-separated taps to export")
+    p.add_argument("--clients", help="comma-separated client counts (default 1,8,32; --quick: 1,4)")
+    p.add_argument("--seconds", type=float, help="time bound per level (default 6; --quick: 1)")
+    p.add_argument("--requests", type=int, help="request bound per level (default 2000; --quick: 60)")
+    p.add_argument("--max_batch_size", type=int, default=32)
+    p.add_argument("--batch_timeout_ms", type=float, default=0.0)
+    p.add_argument("--num_batch_threads", type=int, default=2)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    defaults = {"clients": "1,4", "seconds": 1.0, "requests": 60} if args.quick else {
+        "clients": "1,8,32", "seconds": 6.0, "requests": 2000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    args.layer_names = tuple(s.strip() for s in args.layers.split(",") if s.strip())
+    if not args.client_counts or min(args.client_counts) < 1 or args.seconds <= 0 or args.requests < 1:
+        p.error("--clients, --seconds and --requests must be positive")
+    return args
+
+
+def make_export(args, workdir: pathlib.Path) -> pathlib.Path:
+    import keras
+
+    from keras_oneimage.export import export
+    from keras_oneimage.models.alexnet import AlexNet
+
+    base = workdir / "bench_model"
+    if args.checkpoint:
+        export(args.checkpoint, base, layers=args.layer_names)
+        return base
+    keras.utils.set_random_seed(0)
+    widths = (8, 16, 16, 16, 8) if args.quick else (96, 256, 384, 384, 256)
+    model = AlexNet(args.variant, image_size=args.image_size, widths=widths)
+    model.build()
+    export(model, base, layers=args.layer_names, metadata={"note": "random weights, benchmark only"})
+    return base
+
+
+def latest_version(base: pathlib.Path) -> pathlib.Path:
+    versions = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+    if not versions:
+        raise SystemExit(f"no version directory under {base}")
+    return base / str(versions[-1])
+
+
+def run_level(clients: int, seconds: float, max_requests: int, make_worker) -> dict:
+    """Run ``clients`` threads until ``max_requests`` calls or ``seconds`` pass; latencies in ms."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    budget = [max_requests]
+    deadline = time.perf_counter() + seconds
+
+    def take() -> bool:
+        with lock:
+            if budget[0] <= 0 or time.perf_counter() > deadline:
+                return False
+            budget[0] -= 1
+            return True
+
+    def body():
+        call = make_worker()
+        try:
+            while take():
+                t0 = time.perf_counter()
+                try:
+                    call()
+                except Exception as exc:  # record and stop this client
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                with lock:
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
+        finally:
+            close = getattr(call, "close", None)
+            if close:
+                close()
+
+    threads = [threading.Thread(target=body, daemon=True) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "features_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": errors[:3],
+    }
+
+
+class Client:
+    """One keep-alive HTTP connection posting the same pre-encoded request body."""
+
+    def __init__(self, port: int, path: str, body: bytes):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.path = path
+        self.body = body
+        self.headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+
+    def __call__(self):
+        self.conn.request("POST", self.path, body=self.body, headers=self.headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        return data
+
+    def close(self):
+        self.conn.close()
+
+
+def start_server(base: pathlib.Path, args) -> tuple[subprocess.Popen, int]:
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+        "from keras_oneimage.serve.server import serve\n"
+        f"serve({str(base)!r}, host='127.0.0.1', port=0, model_name='bench', max_batch_size={args.max_batch_size},"
+        f" batch_timeout_ms={args.batch_timeout_ms}, num_batch_threads={args.num_batch_threads}, poll_seconds=0,"
+        " log_level='warning')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 180
+    port = None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("serving "):
+            port = int(line.rsplit(":", 1)[1].split("/")[0])
+            break
+    if port is None:
+        proc.kill()
+        raise SystemExit("the server did not start")
+    # wait until it answers
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models/bench")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not answer")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        base = pathlib.Path(args.model_base_path) if args.model_base_path else make_export(args, pathlib.Path(tmp))
+        version_dir = latest_version(base)
+        loaded = tf.saved_model.load(str(version_dir))
+        signature = loaded.signatures["serving_default"]
+        rng = np.random.default_rng(0)
+        image = rng.random((1, args.image_size, args.image_size, 3), dtype=np.float32)
+        reference = {k: v.numpy() for k, v in signature(images=tf.constant(image)).items()}
+        floats = sum(v.size for v in reference.values())
+        print(
+            f"model {version_dir} | layers {sorted(reference)} | {args.image_size}px | {floats} floats per image "
+            f"| clients {args.client_counts} | <= {args.requests} requests, <= {args.seconds:.0f} s per level"
+        )
+
+        results: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("client_counts",)}}
+        results["config"]["floats_per_image"] = int(floats)
+        # --- in-process, same request pattern (one image per call) ---
+        x1 = tf.constant(image)
+        signature(images=x1)  # warm up
+        in_process = [
+            run_level(c, args.seconds, args.requests, lambda: (lambda: signature(images=x1)))
+            for c in args.client_counts
+        ]
+        # --- in-process peak: full batches ---
+        xb = tf.constant(np.repeat(image, args.max_batch_size, axis=0))
+        signature(images=xb)
+        calls = max(2, min(20, args.requests // args.max_batch_size))
+        t0 = time.perf_counter()
+        n = 0
+        while n < calls and (time.perf_counter() - t0 < args.seconds or n < 2):
+            signature(images=xb)
+            n += 1
+        batched_peak = n * args.max_batch_size / (time.perf_counter() - t0)
+        del loaded, signature
+
+        # --- server ---
+        proc, port = start_server(base, args)
+        try:
+            body = json.dumps({"instances": image.tolist()}).encode()
+            path = "/v1/models/bench:predict"
+            check = Client(port, path, body)
+            first = json.loads(check())
+            check.close()
+            got = first["predictions"][0]
+            if len(reference) == 1:
+                got = {next(iter(reference)): got}
+            worst = max(float(np.abs(np.asarray(got[k]) - reference[k][0]).max()) for k in reference)
+            if worst > 1e-4:
+                raise SystemExit(f"server features differ from in-process ones by {worst}")
+            Client(port, path, body)()  # warm up
+            server = [
+                run_level(c, args.seconds, args.requests, lambda: Client(port, path, body)) for c in args.client_counts
+            ]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    results.update(in_process=in_process, server=server, batched_peak_features_per_s=batched_peak)
+    header = f"{'clients':>7} | {'in-process f/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'server f/s':>10} " \
+             f"{'p50 ms':>8} {'p99 ms':>8} | {'ratio':>5} | {'vs peak':>7}"
+    print(header)
+    print("-" * len(header))
+    for a, b in zip(in_process, server):
+        ratio = b["features_per_s"] / a["features_per_s"] if a["features_per_s"] else float("nan")
+        peak_ratio = b["features_per_s"] / batched_peak if batched_peak else float("nan")
+        a["ratio"] = b["ratio"] = ratio
+        b["ratio_vs_peak"] = peak_ratio
+        print(
+            f"{a['clients']:>7} | {a['features_per_s']:>14.1f} {a['p50_ms']:>8.2f} {a['p99_ms']:>8.2f} | "
+            f"{b['features_per_s']:>10.1f} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} | {ratio:>5.2f} | "
+            f"{peak_ratio:>7.2f}"
+        )
+        for errors in (a["errors"], b["errors"]):
+            for e in errors:
+                print(f"        error: {e}")
+    print(f"in-process peak with batches of {args.max_batch_size}: {batched_peak:.1f} features/s")
+    last = server[-1]
+    goal = "met" if last.get("ratio", 0) >= 0.70 else "NOT met"
+    print(
+        f"server / in-process at {last['clients']} clients: {last.get('ratio', float('nan')):.2f} "
+        f"(goal >= 0.70: {goal}); vs batched peak: {last.get('ratio_vs_peak', float('nan')):.2f}"
+    )
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The user-facing functions. They are thin: they validate input, then wire the modules below together."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from keras_oneimage import __version__
+from keras_oneimage.errors import InputError
+
+#: The embedded default source image: a photograph shipped inside matplotlib, so `fit()` works offline with no data.
+DEFAULT_IMAGE_NAME = "grace_hopper.jpg"
+
+
+def default_image_path() -> str:
+    """Path of the embedded default source image (matplotlib's sample photograph of Grace Hopper, 512x600)."""
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data(DEFAULT_IMAGE_NAME, asfileobj=False))
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (hasattr(value, "__index__")):
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    value = int(value)
+    if value <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _image_digest(images: Sequence[Any]) -> list[str]:
+    return [hashlib.sha256(memoryview(img).tobytes()).hexdigest() for img in images]
+
+
+def _write_json_atomic(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+MIN_IMAGE_SIZE = {"cifar": 16, "imagenet": 63}
+
+
+def _variant_for(image_size: int, variant: str | None) -> str:
+    if variant is None:
+        variant = "imagenet" if image_size >= 128 else "cifar"
+    if variant not in MIN_IMAGE_SIZE:
+        raise InputError(f"unknown AlexNet variant {variant!r}; choose 'cifar' or 'imagenet'")
+    if image_size < MIN_IMAGE_SIZE[variant]:
+        raise InputError(
+            f"image_size {image_size} is too small for the {variant} AlexNet (minimum {MIN_IMAGE_SIZE[variant]})"
+        )
+    return variant
+
+
+def _prepare_output_dir(output_dir: str | os.PathLike | None, run_info: dict[str, Any]) -> pathlib.Path | None:
+    """Create `output_dir` (after all input was validated) and record the run; refuse a dir of another run."""
+    if output_dir is None:
+        return None
+    out = pathlib.Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir {str(out)!r} exists and is not a directory")
+    run_file = out / "run.json"
+    if run_file.exists():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {run_file}: {exc}") from None
+        for key in ("method", "image_sha256", "image_size", "variant"):
+            if previous.get(key) != run_info.get(key):
+                raise InputError(
+                    f"output_dir {str(out)!r} holds a run with a different {key} "
+                    f"({previous.get(key)!r} vs {run_info.get(key)!r}); use another output_dir to start afresh"
+                )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_file, run_info)
+    except OSError as exc:
+        raise InputError(f"cannot write to output_dir {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
+def fit(
+    image: Any = None,
+    method: str = "rotnet",
+    *,
+    image_size: int = 64,
+    batch_size: int = 64,
+    epochs: int = 10,
+    steps_per_epoch: int = 100,
+    seed: int = 0,
+    augment: Any = None,
+    strength: float | None = None,
+    variant: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] | None = None,
+    optimizer: Any = None,
+    max_pixels: int | None = None,
+    verbose: str | int = "auto",
+    **method_options: Any,
+):
+    """Train a self-supervised method on patches of one (or N) source image(s); return the trained method model.
+
+    Args:
+      image: a path, a list of paths (N source images), a numpy array or a tensor. ``None`` uses an embedded
+        default photograph (offline). Paper §3 uses a single image.
+      method: a registered method name: ``"rotnet"``, ``"deepcluster"`` or ``"bigan"``.
+      image_size: patch side in pixels (32/64 on CPU; the paper uses 224).
+      batch_size: the global batch of source patches per step.
+      epochs, steps_per_epoch: training length; an epoch is ``steps_per_epoch`` batches of fresh patches.
+      seed: seeds the patch stream and the weights; the same seed gives the same run.
+      augment: an :class:`~keras_oneimage.data.augment.AugmentConfig` (paper defaults when ``None``).
+      strength: if given, scales every augmentation (``augment.scaled(strength)``); 1 = paper defaults.
+      variant: AlexNet variant, ``"cifar"`` (32/64 px) or ``"imagenet"`` (224 px); chosen from image_size if None.
+      output_dir: where checkpoints (``model.keras``), TensorBoard logs, ``history.csv`` and the conv1 filter PNG
+        go. Rerunning with the same ``output_dir`` resumes after the last completed epoch.
+      callbacks: extra Keras callbacks (e.g. :class:`~keras_oneimage.probes.callback.ProbeCallback`).
+      optimizer: a Keras optimizer; the method's default when ``None``.
+      max_pixels: decompression-bomb guard for source images (declared width × height).
+      **method_options: passed to the method class (e.g. ``num_clusters`` for DeepCluster).
+
+    Returns:
+      The trained method model; ``model.backbone`` is the AlexNet trunk.
+    """
+    import keras
+
+    from keras_oneimage.data.augment import AugmentConfig
+    from keras_oneimage.data.images import load_images
+    from keras_oneimage.methods import registry
+    from keras_oneimage.methods.base import FitContext
+
+    # 1. Validate everything before anything is created on disk.
+    image_size = _positive_int("image_size", image_size)
+    batch_size = _positive_int("batch_size", batch_size)
+    epochs = _positive_int("epochs", epochs)
+    steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+    seed = int(seed)
+    method_cls = registry.get(method)
+    variant = _variant_for(image_size, variant)
+    if augment is None:
+        augment = AugmentConfig()
+    elif isinstance(augment, Mapping):
+        augment = AugmentConfig(**augment)
+    if strength is not None:
+        augment = augment.scaled(float(strength))
+    load_kwargs = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+    images = load_images(image if image is not None else default_image_path(), **load_kwargs)
+    for i, img in enumerate(images):
+        if min(img.shape[:2]) < image_size:
+            raise InputError(
+                f"source image {i} is {img.shape[1]}x{img.shape[0]} px, smaller than the {image_size} px patch; "
+                "use a larger image or a smaller image_size"
+            )
+
+    run_info = {
+        "method": method_cls.method_name,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "seed": seed,
+        "variant": variant,
+        "augment": dataclasses.asdict(augment),
+        "method_options": method_options,
+        "image_sha256": _image_digest(images),
+        "image_source": [str(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
+        if image is None or isinstance(image, (str, os.PathLike, list, tuple))
+        else ["<array>"],
+        "package_version": __version__,
+    }
+    if image is None:
+        run_info["image_source"] = [default_image_path()]
+
+    # 2. Build the model and the data.
+    from keras_oneimage.data.synthetic import patch_dataset
+    from keras_oneimage.models.alexnet import AlexNet
+    from keras_oneimage.training import run_training
+
+    keras.utils.set_random_seed(seed)
+    backbone = AlexNet(variant=variant, image_size=image_size, **getattr(method_cls, "backbone_options", {}))
+    model = method_cls(backbone=backbone, **method_options)
+    out = _prepare_output_dir(output_dir, run_info)
+    context = FitContext(
+        images=images,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        augment=augment,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        output_dir=None if out is None else str(out),
+    )
+    make_dataset = getattr(model, "make_dataset", None)
+    if make_dataset is not None:
+        dataset = make_dataset(context)
+    else:
+        dataset = patch_dataset(images, image_size=image_size, batch_size=batch_size, augment=augment, seed=seed)
+    if optimizer is not None:
+        model.compile(optimizer=optimizer)
+    run_training(
+        model,
+        dataset,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        output_dir=None if out is None else str(out),
+        callbacks=list(callbacks or []),
+        context=context,
+        verbose=verbose,
+    )
+    return model
+
+
+def load_trained(checkpoint: str | os.PathLike):
+    """Load a method model from ``model.keras`` or from a `fit` output_dir holding one."""
+    import keras
+
+    # Importing the package's modules registers their Keras classes for deserialisation.
+    from keras_oneimage.methods import registry
+    from keras_oneimage.models import alexnet  # noqa: F401
+
+    for name in registry.available():
+        registry.get(name)
+    path = pathlib.Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {str(path)!r} (expected a model.keras file or a fit output_dir)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # keras raises a variety of errors for corrupt archives
+        raise InputError(f"cannot load checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _backbone_of(model_or_checkpoint: Any):
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        model_or_checkpoint = load_trained(model_or_checkpoint)
+    return getattr(model_or_checkpoint, "backbone", model_or_checkpoint)

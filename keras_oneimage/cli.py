@@ -1,0 +1,180 @@
+"""`keras-oneimage fit|probe|export|serve|tune`: the command line, on absl flags.
+
+Bad input (a missing file, a bad flag value, …) prints one line on stderr and exits with status 2, never a
+traceback. Each command has its own flag set; `keras-oneimage COMMAND --help` lists it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from keras_oneimage.errors import InputError, NonFiniteLossError  # noqa: E402
+
+PROG = "keras-oneimage"
+
+
+class UsageError(Exception):
+    """Bad command line (exit 2)."""
+
+
+def _augment_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_float("strength", None, "Scale every augmentation (1 = paper defaults, 0 = none).", flag_values=fv)
+    flags.DEFINE_float("min_area", None, "β: minimum crop area fraction (paper: 1e-4).", flag_values=fv)
+    flags.DEFINE_float("aspect", None, "γ: aspect ratio range [γ, 1/γ] (paper: 3/4).", flag_values=fv)
+    flags.DEFINE_float("max_rotation", None, "Rotation range ± degrees (paper: 35).", flag_values=fv)
+    flags.DEFINE_float("flip_prob", None, "Horizontal flip probability (paper: 0.5).", flag_values=fv)
+
+
+def _augment_from_flags(fv: flags.FlagValues):
+    from keras_oneimage.data.augment import AugmentConfig
+
+    overrides = {
+        name: getattr(fv, name)
+        for name in ("min_area", "aspect", "max_rotation", "flip_prob")
+        if getattr(fv, name) is not None
+    }
+    return AugmentConfig(**overrides)
+
+
+def _split_list(value: str | None) -> list[str]:
+    return [] if not value else [v.strip() for v in value.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------- fit
+def _fit_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string(
+        "image", None, "Source image path (repeat for N images). Default: an embedded photograph.", flag_values=fv
+    )
+    flags.DEFINE_string("method", "rotnet", "Self-supervised method: rotnet, deepcluster or bigan.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 64, "Patch side in pixels.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "Global batch size.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 10, "Epochs.", flag_values=fv)
+    flags.DEFINE_integer("steps_per_epoch", 100, "Steps per epoch.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed (patches and weights).", flag_values=fv)
+    flags.DEFINE_string("output_dir", None, "Where checkpoints and logs go (default: runs/<method>).", flag_values=fv)
+    flags.DEFINE_string("variant", None, "AlexNet variant: cifar or imagenet (default: from image_size).", flag_values=fv)
+    flags.DEFINE_integer("max_pixels", None, "Refuse source images with more declared pixels.", flag_values=fv)
+    _augment_flags(fv)
+
+
+def _fit(fv: flags.FlagValues) -> int:
+    from keras_oneimage import api
+
+    images = fv.image or None
+    if images is not None and len(images) == 1:
+        images = images[0]
+    output_dir = fv.output_dir or os.path.join("runs", fv.method)
+    api.fit(
+        images,
+        method=fv.method,
+        image_size=fv.image_size,
+        batch_size=fv.batch_size,
+        epochs=fv.epochs,
+        steps_per_epoch=fv.steps_per_epoch,
+        seed=fv.seed,
+        augment=_augment_from_flags(fv),
+        strength=fv.strength,
+        variant=fv.variant,
+        output_dir=output_dir,
+        max_pixels=fv.max_pixels,
+    )
+    print(f"trained model saved in {output_dir}/model.keras; conv1 filters in {output_dir}/conv1_filters.png")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+    "fit": ("train a self-supervised method on one image", _fit_flags, _fit),
+}
+
+
+def _usage() -> str:
+    lines = [f"usage: {PROG} COMMAND [--flag=value ...]", "", "commands:"]
+    lines += [f"  {name:8s} {help_}" for name, (help_, _, _) in COMMANDS.items()]
+    lines.append(f"\n`{PROG} COMMAND --help` lists a command's flags.")
+    return "\n".join(lines)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TF and discover devices with fd 2 silenced: TF 2.21's C++ start-up logs ignore TF_CPP_MIN_LOG_LEVEL.
+
+    Python exceptions still propagate; only the C++ INFO/ERROR chatter at start-up (oneDNN notice, missing CUDA
+    driver on CPU machines) is dropped. Set KERAS_ONEIMAGE_DEBUG=1 to see it.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_ONEIMAGE_DEBUG"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the command line `argv` (argv[0] is the program name); return the exit status."""
+    argv = list(argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+        return 0 if len(argv) >= 2 else 2
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"{PROG}: error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    _, define, execute = COMMANDS[command]
+    fv = flags.FlagValues()
+    define(fv)
+    rest = argv[2:]
+    if any(a in ("-h", "--help", "-help") for a in rest):
+        print(f"usage: {PROG} {command} [--flag=value ...]\n\n{fv.get_help()}")
+        return 0
+    try:
+        leftover = fv([f"{PROG} {command}"] + rest)
+        if len(leftover) > 1:
+            raise UsageError(f"unexpected argument {leftover[1]!r}")
+        _import_tensorflow_quietly()
+        return execute(fv)
+    except (flags.Error, UsageError, InputError) as exc:
+        print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG} {command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, the traceback on request
+        if os.environ.get("KERAS_ONEIMAGE_DEBUG"):
+            raise
+        print(
+            f"{PROG} {command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set KERAS_ONEIMAGE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

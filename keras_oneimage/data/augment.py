@@ -1,0 +1,275 @@
+"""Augmentation settings and the batched patch sampler (one inverse affine map and one gather per patch).
+
+The paper (§3, "Data augmentation") builds its training set by taking random crops of a single image down to
+a fraction β of its area with aspect ratios in [γ, 1/γ] (RandomResizedCrop), random rotations, flips and
+colour jitter. :class:`PatchSampler` draws those parameters for a whole batch with stateless Philox RNG and
+renders every patch by mapping each output pixel back into the source through one composed affine map (flip,
+anisotropic scale, rotation, translation) followed by one trilinear read of the source pyramid
+(:mod:`keras_oneimage.data.pyramid`), then a per-pixel linear colour transform. Everything is batched
+arithmetic and gathers, so it compiles with XLA on CPU and GPU.
+
+Edge handling: the axis-aligned crop always lies inside the image (as in RandomResizedCrop); only the corners
+of a rotated crop can leave it, and those read the image mirrored about its border (reflection), which keeps
+textures continuous instead of smearing edge pixels or filling black.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from keras_oneimage.data import pyramid as pyramid_lib
+from keras_oneimage.errors import InputError
+
+ALG = "philox"  # the default "auto_select" is ~35x slower under XLA on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """How patches are cut from the source image(s); defaults follow Asano et al. (ICLR 2020).
+
+    Attributes:
+      min_area: β, smallest crop as a fraction of the source area, §3 ("down to 1e-4 of the image"); never
+        below one source pixel.
+      max_area: largest crop fraction (1 = whole image, §3).
+      aspect: γ, crop aspect ratios (width/height) are log-uniform in [γ, 1/γ], §3 (γ = 3/4).
+      max_rotation: degrees; angles are uniform in ±max_rotation (§3 uses random rotations, ±35° here).
+      flip_prob: probability of a horizontal flip (§3, 0.5).
+      color: std of the random 3x3 colour matrix around the identity (§3 colour jitter).
+      brightness: additive brightness offset, uniform in ±brightness (§3 colour jitter).
+      contrast: contrast factor, uniform in [1 - contrast, 1 + contrast] (§3 colour jitter).
+      noise_std: gaussian pixel noise; each patch draws its std uniformly in [0, noise_std] (off by default).
+      blur_sigma: gaussian blur in output pixels; each patch draws sigma uniformly in [0, blur_sigma] (off).
+    """
+
+    min_area: float = 1e-4
+    max_area: float = 1.0
+    aspect: float = 3 / 4
+    max_rotation: float = 35.0
+    flip_prob: float = 0.5
+    color: float = 0.1
+    brightness: float = 0.2
+    contrast: float = 0.2
+    noise_std: float = 0.0
+    blur_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"AugmentConfig.{field.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise InputError(f"AugmentConfig.{field.name} must be finite, got {value!r}")
+            object.__setattr__(self, field.name, float(value))
+        checks = [
+            (0 < self.min_area <= 1, "min_area (β) must be in (0, 1]"),
+            (0 < self.max_area <= 1, "max_area must be in (0, 1]"),
+            (self.min_area <= self.max_area, "min_area (β) must not exceed max_area"),
+            (0 < self.aspect <= 1, "aspect (γ) must be in (0, 1]; ratios are drawn from [γ, 1/γ]"),
+            (0 <= self.max_rotation <= 180, "max_rotation must be in [0, 180] degrees"),
+            (0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]"),
+            (self.color >= 0, "color must be >= 0"),
+            (0 <= self.brightness <= 1, "brightness must be in [0, 1]"),
+            (0 <= self.contrast <= 1, "contrast must be in [0, 1]"),
+            (self.noise_std >= 0, "noise_std must be >= 0"),
+            (0 <= self.blur_sigma <= 8, "blur_sigma must be in [0, 8] output pixels"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"bad AugmentConfig: {message} (got {self})")
+
+    def scaled(self, strength: float) -> "AugmentConfig":
+        """The same recipe at another strength: 0 = the whole image, unaugmented; 1 = these settings.
+
+        Areas and aspect limits scale geometrically (``min_area ** strength`` relative to ``max_area``,
+        ``aspect ** strength``), the others linearly; results are clamped to valid ranges, and the flip
+        probability never rises above ``max(flip_prob, 0.5)``.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+                or strength < 0:
+            raise InputError(f"augmentation strength must be a finite number >= 0, got {strength!r}")
+        s = float(strength)
+        max_area = self.max_area ** min(s, 1.0)
+        min_area = max(max_area * (self.min_area / self.max_area) ** s, 1e-12)
+        return dataclasses.replace(
+            self,
+            min_area=min(min_area, max_area),
+            max_area=max_area,
+            aspect=self.aspect ** s,
+            max_rotation=min(self.max_rotation * s, 180.0),
+            flip_prob=min(self.flip_prob * s, max(self.flip_prob, 0.5)),
+            color=self.color * s,
+            brightness=min(self.brightness * s, 1.0),
+            contrast=min(self.contrast * s, 1.0),
+            noise_std=self.noise_std * s,
+            blur_sigma=min(self.blur_sigma * s, 8.0),
+        )
+
+
+def _seeds(seed: Any, count: int) -> list[tf.Tensor]:
+    """``count`` independent stateless seeds from one ``int`` or shape-``[2]`` seed."""
+    if isinstance(seed, (int, np.integer)):
+        seed = [int(seed), 0]
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    return list(tf.unstack(tf.random.experimental.stateless_split(seed, count, alg=ALG)))
+
+
+class PatchSampler:
+    """Draws and renders augmented patches, in the style of a Keras preprocessing layer.
+
+    ``get_random_transformation`` returns the per-patch parameters; ``transform`` renders them. Both are pure
+    functions of their inputs (stateless RNG), so the same seed always gives the same patches.
+    """
+
+    def __init__(self, augment: AugmentConfig | None = None):
+        self.augment = augment if augment is not None else AugmentConfig()
+        if not isinstance(self.augment, AugmentConfig):
+            raise InputError(f"augment must be an AugmentConfig, got {type(augment).__name__}")
+
+    def get_random_transformation(self, batch_size: int, seed: Any,
+                                  pyramid: pyramid_lib.Pyramid | None = None) -> dict[str, tf.Tensor]:
+        """Per-patch parameters for a batch.
+
+        Args:
+          batch_size: patches to draw.
+          seed: ``int`` or shape-``[2]`` integer tensor (stateless Philox seed).
+          pyramid: the sources; their count and shapes bound the crops. Without it: one square source.
+
+        Returns:
+          dict of ``(B, ...)`` tensors: ``source`` (int32 index), ``center`` (x, y as fractions of the source
+          width/height), ``area`` (crop area / source area), ``aspect`` (crop width / height in pixels),
+          ``angle`` (radians), ``flip`` (bool), ``color_matrix`` (3x3), ``brightness``, ``contrast``,
+          ``blur_sigma``, ``noise_std``, and ``noise_seed`` (shape ``[2]``).
+        """
+        cfg = self.augment
+        b = int(batch_size)
+        (k_src, k_area, k_aspect, k_cx, k_cy, k_angle, k_flip, k_color, k_bright, k_contrast, k_blur, k_noise,
+         k_noise_seed) = _seeds(seed, 13)
+
+        def uniform(key, lo=0.0, hi=1.0, shape=(b,)):
+            return tf.random.stateless_uniform(shape, key, minval=lo, maxval=hi, alg=ALG)
+
+        if pyramid is None:
+            num_sources, sizes = 1, tf.constant([[1e4, 1e4]], tf.float32)
+        else:
+            num_sources, sizes = pyramid.num_sources, pyramid.sizes
+        source = tf.random.stateless_uniform((b,), k_src, 0, num_sources, dtype=tf.int32, alg=ALG)
+        hw = tf.gather(sizes, source)
+        height, width = hw[:, 0], hw[:, 1]
+        ratio = width / height  # R
+        gamma = cfg.aspect
+        # Largest area with some aspect in [γ, 1/γ] that fits: a <= R/γ and a <= 1/(γR).
+        area_hi = tf.minimum(tf.minimum(cfg.max_area, ratio / gamma), 1.0 / (gamma * ratio))
+        area_lo = tf.minimum(tf.maximum(cfg.min_area, 1.0 / (height * width)), area_hi)
+        area = area_lo + (area_hi - area_lo) * uniform(k_area)
+        # Aspects r keeping the crop inside: a*R <= r <= R/a, intersected with [γ, 1/γ]; log-uniform.
+        log_lo = tf.math.log(tf.maximum(gamma, area * ratio))
+        log_hi = tf.math.log(tf.maximum(tf.minimum(1.0 / gamma, ratio / area), tf.maximum(gamma, area * ratio)))
+        aspect = tf.exp(log_lo + (log_hi - log_lo) * uniform(k_aspect))
+        crop_w = tf.minimum(tf.sqrt(area * aspect / ratio), 1.0)  # fractions of the source width / height
+        crop_h = tf.minimum(tf.sqrt(area * ratio / aspect), 1.0)
+        center = tf.stack([crop_w / 2 + (1 - crop_w) * uniform(k_cx), crop_h / 2 + (1 - crop_h) * uniform(k_cy)], -1)
+        max_angle = math.radians(cfg.max_rotation)
+        color_noise = tf.random.stateless_normal((b, 3, 3), k_color, alg=ALG)
+        return {
+            "source": source,
+            "center": center,
+            "area": area,
+            "aspect": aspect,
+            "angle": uniform(k_angle, -max_angle, max_angle),
+            "flip": uniform(k_flip) < cfg.flip_prob,
+            "color_matrix": tf.eye(3, batch_shape=[b]) + cfg.color * color_noise,
+            "brightness": uniform(k_bright, -cfg.brightness, cfg.brightness),
+            "contrast": uniform(k_contrast, 1.0 - cfg.contrast, 1.0 + cfg.contrast),
+            "blur_sigma": uniform(k_blur, 0.0, cfg.blur_sigma),
+            "noise_std": uniform(k_noise, 0.0, cfg.noise_std),
+            "noise_seed": k_noise_seed,
+        }
+
+    def transform(self, pyramid: pyramid_lib.Pyramid, params: dict[str, tf.Tensor], image_size: int) -> tf.Tensor:
+        """Renders patches: ``float32 (B, S, S, 3)`` in ``[0, 1]``; ``finish(render_packed(...), params)``.
+
+        For speed under XLA, compile the two halves separately (as :func:`~keras_oneimage.data.synthetic.
+        patch_dataset` does): fused into one kernel, XLA:CPU recomputes the per-pixel geometry per channel.
+        """
+        return self.finish(self.render_packed(pyramid, params, image_size), params)
+
+    def render_packed(self, pyramid: pyramid_lib.Pyramid, params: dict[str, tf.Tensor], image_size: int) -> tf.Tensor:
+        """Geometry: ``int64 (B, S, S)`` packed RGB (see :func:`keras_oneimage.data.pyramid.unpack`).
+
+        Output pixel ``(i, j)`` sits at ``p = ((j + .5) / S - .5, (i + .5) / S - .5)`` in the unit square. ONE
+        inverse affine map per patch sends it to source pixels ``c + Rot(angle) @ diag(crop_w, crop_h) @
+        Flip @ p``; positions are reflected into the image and read trilinearly at the patch footprint
+        ``max(crop_w, crop_h) / S`` source pixels per output pixel.
+        """
+        s = int(image_size)
+        hw = tf.gather(pyramid.sizes, params["source"])
+        height, width = hw[:, 0], hw[:, 1]
+        area_px = params["area"] * height * width
+        crop_w = tf.sqrt(area_px * params["aspect"])  # source pixels
+        crop_h = tf.sqrt(area_px / params["aspect"])
+        cos, sin = tf.cos(params["angle"]), tf.sin(params["angle"])
+        step_x = crop_w / s * tf.where(params["flip"], -1.0, 1.0)  # source pixels per output pixel
+        step_y = crop_h / s
+        # (u, v) = source position as fractions of width / height, affine in the output pixel (i, j).
+        du_dj, du_di = cos * step_x / width, -sin * step_y / width
+        dv_dj, dv_di = sin * step_x / height, cos * step_y / height
+        first = 0.5 - s / 2.0  # output pixel centre of index 0, relative to the patch centre
+        u0 = params["center"][:, 0] + first * (du_dj + du_di)
+        v0 = params["center"][:, 1] + first * (dv_dj + dv_di)
+        j = tf.range(s, dtype=tf.float32)[None, None, :]
+        i = tf.range(s, dtype=tf.float32)[None, :, None]
+
+        def col(t):
+            return t[:, None, None]
+
+        u = _reflect(col(u0) + col(du_dj) * j + col(du_di) * i)
+        v = _reflect(col(v0) + col(dv_dj) * j + col(dv_di) * i)
+        lod = tf.math.log(tf.maximum(crop_w, crop_h) / s) * (1.0 / math.log(2.0))
+        return pyramid_lib.sample_packed(pyramid, params["source"], u, v, lod)
+
+    def finish(self, packed: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Colour: unpack, blur, colour matrix, contrast about the patch mean, brightness, noise; clip to [0, 1]."""
+        cfg = self.augment
+        rgb = pyramid_lib.unpack(packed)
+        if cfg.blur_sigma > 0:
+            rgb = _gaussian_blur(rgb, params["blur_sigma"], radius=max(1, math.ceil(2 * cfg.blur_sigma)))
+        # y = M x, contrast c about the grey mean m of y, brightness b:  y' = c M x + (1 - c) m + b.
+        matrix = params["color_matrix"]
+        contrast = params["contrast"]
+        mean_rgb = tf.reduce_mean(rgb, axis=[1, 2])  # (B, 3)
+        grey = tf.reduce_mean(tf.einsum("bcd,bd->bc", matrix, mean_rgb), axis=-1)
+        bias = (1.0 - contrast) * grey + params["brightness"]
+        scaled = matrix * contrast[:, None, None]
+        chans = [rgb[..., d] for d in range(3)]
+        out = tf.stack([sum(chans[d] * scaled[:, c, d, None, None] for d in range(3)) + bias[:, None, None]
+                        for c in range(3)], axis=-1)
+        if cfg.noise_std > 0:
+            noise = tf.random.stateless_normal(tf.shape(out), params["noise_seed"], alg=ALG)
+            out = out + noise * params["noise_std"][:, None, None, None]
+        return tf.clip_by_value(out, 0.0, 1.0)
+
+    def sample(self, pyramid: pyramid_lib.Pyramid, batch_size: int, seed: Any, image_size: int) -> tf.Tensor:
+        """``transform(pyramid, get_random_transformation(batch_size, seed, pyramid), image_size)``."""
+        return self.transform(pyramid, self.get_random_transformation(batch_size, seed, pyramid), image_size)
+
+
+def _reflect(t: tf.Tensor) -> tf.Tensor:
+    """Mirrors unit coordinates in [-1, 2] into [0, 1] (a rotated in-image crop never reaches further)."""
+    t = tf.abs(t)
+    return tf.minimum(t, 2.0 - t)
+
+
+def _gaussian_blur(rgb: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable per-patch gaussian blur (sigma ``(B,)`` in pixels, 0 = none) with reflected borders."""
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    sig = tf.maximum(sigma, 1e-3)[:, None]
+    kernel = tf.exp(-0.5 * tf.square(taps[None, :] / sig))
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # (B, 2r + 1)
+    s = rgb.shape[1]
+    padded = tf.pad(rgb, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    rows = sum(kernel[:, k, None, None, None] * padded[:, k:k + s, :, :] for k in range(2 * radius + 1))
+    return sum(kernel[:, k, None, None, None] * rows[:, :, k:k + s, :] for k in range(2 * radius + 1))

@@ -1,0 +1,310 @@
+"""Loading the source image(s): any path, array or tensor in, ``uint8 (H, W, 3)`` RGB out.
+
+Files are read as bytes (so file names that are not UTF-8 work), their declared size is read from the header
+*before* decoding (decompression-bomb guard), JPEG EXIF orientation is applied, and decoding uses TensorFlow
+with Pillow as the fallback for what TF cannot decode (CMYK JPEG, palette BMP, TIFF, WebP, ...). Every problem
+is an :class:`~keras_oneimage.errors.InputError` whose one-line message names the file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from typing import Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from keras_oneimage.errors import InputError
+
+ImageSource = Union[str, os.PathLike, np.ndarray, tf.Tensor]
+
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MPix: ~10x the paper's largest source image, well below a RAM problem
+DEFAULT_MIN_SIZE = 8  # shortest side; smaller images hold too little texture to cut patches from
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _display(path: str | bytes) -> str:
+    """A printable one-line form of a path, even when it is not valid UTF-8."""
+    if isinstance(path, bytes):
+        text = path.decode("utf-8", "backslashreplace")
+    else:
+        text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return repr(text)
+
+
+# ----------------------------------------------------------------------------------------------- headers
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
+    """``(width, height, components, exif_orientation)`` from JPEG markers, without decoding."""
+    pos, orientation = 2, 1
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError("bad JPEG marker")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD9)):  # standalone markers
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        segment = data[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            orientation = _exif_orientation(segment[6:]) or orientation
+        if marker in _JPEG_SOF:
+            if len(segment) < 6:
+                raise ValueError("truncated JPEG frame header")
+            height, width = struct.unpack(">HH", segment[1:5])
+            return width, height, segment[5], orientation
+        if marker == 0xDA:  # start of scan before any frame header
+            break
+        pos += 2 + length
+    raise ValueError("no JPEG frame header (truncated or corrupt file)")
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag (0x0112) of IFD0 of a TIFF-structured EXIF block, or None."""
+    try:
+        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack(endian + "I", tiff[4:8])
+        (count,) = struct.unpack(endian + "H", tiff[ifd:ifd + 2])
+        for k in range(count):
+            entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+            tag, kind = struct.unpack(endian + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                (value,) = struct.unpack(endian + "H", entry[8:10])
+                return value if 1 <= value <= 8 else None
+    except (KeyError, struct.error, IndexError):
+        return None
+    return None
+
+
+def _png_crc_error(data: bytes) -> str | None:
+    """The first chunk whose CRC does not match, or None (TF and Pillow are lenient about some)."""
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None  # truncation is reported by the decoder
+        (crc,) = struct.unpack(">I", data[end:end + 4])
+        if zlib.crc32(data[pos + 4:end]) != crc:
+            return kind.decode("latin-1")
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return None
+
+
+def _header(data: bytes) -> tuple[str, int, int, int, int]:
+    """``(format, width, height, jpeg_components, exif_orientation)``; format ``"other"`` if unknown."""
+    if data[:3] == b"\xff\xd8\xff":
+        width, height, components, orientation = _jpeg_header(data)
+        return "jpeg", width, height, components, orientation
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("PNG without an IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        bad = _png_crc_error(data)
+        if bad is not None:
+            raise ValueError(f"corrupt PNG: bad CRC in the {bad} chunk")
+        return "png", width, height, 0, 1
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        if len(data) < 10:
+            raise ValueError("truncated GIF header")
+        width, height = struct.unpack("<HH", data[6:10])
+        return "gif", width, height, 0, 1
+    if data[:2] == b"BM":
+        if len(data) < 26:
+            raise ValueError("truncated BMP header")
+        (dib,) = struct.unpack("<I", data[14:18])
+        if dib == 12:
+            width, height = struct.unpack("<hh", data[18:22])
+        else:
+            width, height = struct.unpack("<ii", data[18:26])
+        bits = struct.unpack("<H", data[24:26] if dib == 12 else data[28:30])[0] if len(data) >= 30 else 0
+        # TF decodes only 24/32-bit BMPs (palette indices would come out as gray): others go to Pillow.
+        return ("bmp" if bits in (24, 32) else "other"), abs(width), abs(height), 0, 1
+    return "other", 0, 0, 0, 1  # sized by Pillow
+
+
+# ----------------------------------------------------------------------------------------------- pixels
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Applies an EXIF orientation (1-8) so the array is upright as a viewer shows it."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, k=-1),
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, k=1),
+    }
+    return np.ascontiguousarray(ops.get(orientation, ops[1])(image))
+
+
+def _to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Any supported dtype/channel layout -> ``uint8 (H, W, 3)``."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise InputError(f"{what}: expected an image of shape (H, W) or (H, W, C), got shape {array.shape}")
+    channels = array.shape[-1]
+    if channels not in (1, 2, 3, 4):
+        raise InputError(f"{what}: expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) channels, got {channels}")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{what}: float image contains NaN or infinity")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(f"{what}: float images must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        array = np.rint(array.astype(np.float32) * 255.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise InputError(f"{what}: integer images must be uint8, uint16 or hold values in [0, 255]; "
+                             f"got {array.dtype} in [{lo}, {hi}]")
+        array = array.astype(np.uint8)
+    else:
+        raise InputError(f"{what}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])")
+    if channels in (2, 4):  # alpha is dropped, as tf.io.decode_image(channels=3) does
+        array = array[..., :channels - 1]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def _check_size(image: np.ndarray, what: str, min_size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    if min(height, width) < min_size:
+        raise InputError(f"{what}: image is {width}x{height}, smaller than min_size={min_size} pixels per side")
+    return image
+
+
+def _decode_with_pillow(data: bytes, what: str) -> np.ndarray:
+    from PIL import Image  # imported lazily: only the fallback path needs it
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.seek(0)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int64)
+                if array.dtype == np.int64:
+                    array = np.clip(array, 0, 65535).astype(np.uint16)
+                return array
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+            return np.asarray(image)
+    except Image.DecompressionBombError as err:  # only for formats without our own header check
+        raise InputError(f"{what}: refused, the image is too large to decode safely ({err})") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for broken files
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{what}: cannot decode the image (corrupt, truncated or unsupported file: {message})") \
+            from None
+
+
+def _decode(data: bytes, fmt: str, components: int, what: str) -> np.ndarray:
+    """Decodes with TF (first frame of animations, 16-bit PNG kept at 16 bits), else with Pillow."""
+    if fmt in ("jpeg", "png", "gif", "bmp") and not (fmt == "jpeg" and components == 4):
+        try:
+            if fmt == "png":
+                return tf.io.decode_png(data, channels=0, dtype=tf.uint16).numpy()
+            return tf.io.decode_image(data, channels=0, expand_animations=False).numpy()
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.InternalError):
+            pass  # e.g. palette BMP or a file TF rejects; Pillow decides if it is usable
+    return _decode_with_pillow(data, what)
+
+
+def _load_path(path: str | os.PathLike, max_pixels: int, min_size: int) -> np.ndarray:
+    fs_path = os.fspath(path)
+    what = _display(fs_path)
+    if not os.path.exists(fs_path):
+        raise InputError(f"{what}: no such file")
+    if os.path.isdir(fs_path):
+        raise InputError(f"{what}: is a directory, not an image file")
+    try:
+        with open(fs_path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise InputError(f"{what}: cannot read the file ({err.strerror or err})") from None
+    if not data:
+        raise InputError(f"{what}: the file is empty")
+    try:
+        fmt, width, height, components, orientation = _header(data)
+    except (ValueError, struct.error) as err:
+        raise InputError(f"{what}: not a readable image ({err})") from None
+    if fmt == "other" and width == 0:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+                width, height = image.size
+        except UnidentifiedImageError:
+            raise InputError(f"{what}: not an image file (expected JPEG, PNG, GIF, BMP or another format "
+                             "Pillow reads)") from None
+        except Image.DecompressionBombError:
+            width, height = 1 << 20, 1 << 20  # Pillow refused it as a bomb: report through our own check
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"{what}: not a readable image ({err})") from None
+    if width <= 0 or height <= 0:
+        raise InputError(f"{what}: the header declares an empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(f"{what}: the header declares {width}x{height} = {width * height:,} pixels, above "
+                         f"max_pixels={max_pixels:,}; pass a larger max_pixels (CLI: --max_pixels) if you trust it")
+    array = _to_rgb_uint8(_decode(data, fmt, components, what), what)
+    if fmt == "jpeg" and orientation != 1:
+        array = _orient(array, orientation)
+    return _check_size(array, what, min_size)
+
+
+def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
+    """One source image as ``uint8 (H, W, 3)`` RGB, upright.
+
+    Args:
+      src: a path (``str`` / ``os.PathLike``) to a JPEG, PNG, GIF (first frame), BMP or any other file Pillow
+        reads; or a numpy array / ``tf.Tensor`` of shape ``(H, W)``, ``(H, W, 1|2|3|4)`` and dtype ``uint8``,
+        ``uint16`` or float in ``[0, 1]``. Gray is replicated to RGB; alpha is dropped.
+      max_pixels: refuse files whose header declares more pixels (decompression-bomb guard).
+      min_size: refuse images whose shorter side is smaller.
+
+    Raises:
+      InputError: with a one-line message naming the file, for anything unusable.
+    """
+    for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(src, tf.Tensor):
+        if not tf.executing_eagerly():
+            raise InputError("load_image needs an eager tensor (call it outside tf.function)")
+        return _check_size(_to_rgb_uint8(src.numpy(), "tensor image"), "tensor image", min_size)
+    if isinstance(src, np.ndarray):
+        if src.ndim == 4:
+            raise InputError(f"array image: got a batch of shape {src.shape}; use load_images for several images")
+        return _check_size(_to_rgb_uint8(src, "array image"), "array image", min_size)
+    if isinstance(src, (str, os.PathLike)):
+        if isinstance(src, str) and not src:
+            raise InputError("empty image path")
+        return _load_path(src, max_pixels, min_size)
+    raise InputError(f"an image must be a file path, a numpy array or a tf.Tensor, got {type(src).__name__}")
+
+
+def load_images(src: ImageSource | Sequence[ImageSource], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_size: int = DEFAULT_MIN_SIZE) -> list[np.ndarray]:
+    """Several source images (a list/tuple of sources, a 4-D array/tensor, or one source) as a list of arrays."""
+    if isinstance(src, tf.Tensor) and src.shape.rank == 4:
+        src = list(src.numpy())
+    elif isinstance(src, np.ndarray) and src.ndim == 4:
+        src = list(src)
+    if isinstance(src, (list, tuple)):
+        if not src:
+            raise InputError("no source images given (empty list)")
+        return [load_image(s, max_pixels=max_pixels, min_size=min_size) for s in src]
+    return [load_image(src, max_pixels=max_pixels, min_size=min_size)]

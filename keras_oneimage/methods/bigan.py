@@ -1,0 +1,357 @@
+"""BiGAN: learn an encoder E by fooling a discriminator that sees (image, code) pairs.
+
+Donahue, Krähenbühl & Darrell, "Adversarial feature learning", ICLR 2017. A generator G maps a code z ~ U(-1, 1)^d
+to an image, the encoder E maps an image x to a code, and a discriminator D(x, z) tells real pairs (x, E(x)) from
+fake pairs (G(z), z). At the optimum E inverts G, so E (here: the AlexNet trunk + a linear head) must capture what
+G needs to draw the patch. Asano et al. (ICLR 2020, §4) train it on patches of a single image.
+
+Stabilisers (see docs/methods.md for why):
+
+* non-saturating objective (Goodfellow et al. 2014, §3): E and G minimise the BCE of the *swapped* labels instead
+  of maximising D's loss, so their gradients do not vanish when D wins early;
+* Adam with β1 = 0.5 and learning rate 2e-4 for both players (Donahue et al. §4, after DCGAN); the two time-scale
+  rule (Heusel et al. 2017, e.g. D 4e-4 / E,G 1e-4) is one option away (``d_learning_rate``, ``eg_learning_rate``)
+  but is not the default: in short single-image runs it let D saturate (docs/methods.md);
+* spectral normalisation of every D layer (Miyato et al. 2018, ``keras.layers.SpectralNormalization``) and dropout
+  0.2 in D's joint part (as BiGAN's own discriminator), no BatchNorm in D.
+
+Logged: ``d_loss``, ``eg_loss``, ``d_accuracy`` (over real and fake pairs), ``d_acc_real``, ``d_acc_fake``.
+`method_callbacks` adds :class:`BiGANSamples`, which writes ``bigan_samples_epoch{E}.png`` (1-based E) to the run's
+output_dir. A NaN/inf loss is caught by `run_training`'s guard, which stops and names the epoch and step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import random
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_oneimage.errors import InputError
+from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
+from keras_oneimage.methods.registry import register
+
+#: Latent size (Donahue et al. 2017, §4.2 ImageNet experiments: z ∈ [-1, 1]^200).
+DEFAULT_LATENT_DIM = 200
+#: Dropout in D's latent and joint branches (BiGAN's discriminator uses dropout 0.2).
+DEFAULT_DROPOUT = 0.2
+#: Adam β1 = 0.5 (Donahue et al. 2017 §4, following DCGAN, Radford et al. 2016).
+ADAM_BETA_1 = 0.5
+#: Learning rate of both players (Donahue et al. 2017, §4). TTUR (Heusel et al. 2017) is e.g. 4e-4 for D, 1e-4 for E/G.
+LEARNING_RATE = 2e-4
+LEAKY_SLOPE = 0.2
+
+
+def bigan_losses(real_logits: tf.Tensor, fake_logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(d_loss, eg_loss) from D's logits on real pairs (x, E(x)) and fake pairs (G(z), z).
+
+    ``d_loss`` is the BCE of real→1, fake→0; ``eg_loss`` is the non-saturating BCE of the swapped labels,
+    real→0, fake→1. Both are means over the batch, summed over the two kinds of pairs.
+    """
+    bce = tf.nn.sigmoid_cross_entropy_with_logits
+    real_logits = tf.cast(real_logits, tf.float32)
+    fake_logits = tf.cast(fake_logits, tf.float32)
+    ones, zeros = tf.ones_like(real_logits), tf.zeros_like(fake_logits)
+    d_loss = tf.reduce_mean(bce(ones, real_logits)) + tf.reduce_mean(bce(zeros, fake_logits))
+    eg_loss = tf.reduce_mean(bce(zeros, real_logits)) + tf.reduce_mean(bce(tf.ones_like(fake_logits), fake_logits))
+    return d_loss, eg_loss
+
+
+def _upsampling_plan(image_size: int) -> tuple[int, int]:
+    """(stride-2 stages, start side) so that ``start · 2**stages >= image_size`` with a 4..7 px start (DCGAN)."""
+    stages = max(1, int(math.floor(math.log2(image_size / 4))))
+    return stages, math.ceil(image_size / 2**stages)
+
+
+def build_generator(latent_dim: int, image_size: int, width: int = 64) -> keras.Sequential:
+    """DCGAN generator (Radford et al. 2016): z → Dense → [Conv2DTranspose 4x4/2 + BN + ReLU]… → sigmoid image.
+
+    Channels halve at each stage down to ``width``; the output is ``(image_size, image_size, 3)`` in [0, 1]
+    (centre-cropped when the size is not ``start · 2**stages``).
+    """
+    stages, start = _upsampling_plan(image_size)
+    top = width * 2 ** (stages - 1)
+    layers: list[keras.layers.Layer] = [
+        keras.layers.Dense(start * start * top, use_bias=False, name="project"),
+        keras.layers.BatchNormalization(momentum=0.9, name="project_bn"),
+        keras.layers.ReLU(name="project_relu"),
+        keras.layers.Reshape((start, start, top), name="reshape"),
+    ]
+    for i in range(stages - 1):
+        layers += [
+            keras.layers.Conv2DTranspose(top // 2 ** (i + 1), 4, strides=2, padding="same", use_bias=False,
+                                         name=f"up{i + 1}"),
+            keras.layers.BatchNormalization(momentum=0.9, name=f"up{i + 1}_bn"),
+            keras.layers.ReLU(name=f"up{i + 1}_relu"),
+        ]
+    layers.append(keras.layers.Conv2DTranspose(3, 4, strides=2, padding="same", name=f"up{stages}"))
+    excess = start * 2**stages - image_size
+    if excess:
+        layers.append(keras.layers.Cropping2D(((excess // 2, excess - excess // 2),) * 2, name="crop"))
+    layers.append(keras.layers.Activation("sigmoid", dtype="float32", name="to_unit"))
+    generator = keras.Sequential(layers, name="generator")
+    generator.build((None, latent_dim))
+    return generator
+
+
+def build_discriminator(latent_dim: int, image_size: int, width: int = 64, dropout: float = DEFAULT_DROPOUT,
+                        spectral_norm: bool = True) -> keras.Model:
+    """Joint D(x, z) (Donahue et al. 2017, §3): conv image branch, dense latent branch, concat → dense → logit.
+
+    Every conv/dense layer is spectrally normalised when ``spectral_norm``; LeakyReLU(0.2) throughout.
+    """
+
+    def sn(layer):
+        return keras.layers.SpectralNormalization(layer, name=f"{layer.name}_sn") if spectral_norm else layer
+
+    stages, _ = _upsampling_plan(image_size)
+    x_in = keras.Input((image_size, image_size, 3), name="x")
+    z_in = keras.Input((latent_dim,), name="z")
+    h = keras.layers.Rescaling(2.0, offset=-1.0, name="to_signed")(x_in)  # [0, 1] → [-1, 1]
+    for i in range(stages):
+        h = sn(keras.layers.Conv2D(width * 2**i, 4, strides=2, padding="same", name=f"conv{i + 1}"))(h)
+        h = keras.layers.LeakyReLU(LEAKY_SLOPE, name=f"conv{i + 1}_lrelu")(h)
+    h = keras.layers.Flatten(name="x_flat")(h)
+    g = sn(keras.layers.Dense(512, name="z_fc"))(z_in)
+    g = keras.layers.LeakyReLU(LEAKY_SLOPE, name="z_lrelu")(g)
+    j = keras.layers.Concatenate(name="joint")([h, g])
+    j = keras.layers.Dropout(dropout, name="joint_dropout1")(j)
+    j = sn(keras.layers.Dense(1024, name="joint_fc"))(j)
+    j = keras.layers.LeakyReLU(LEAKY_SLOPE, name="joint_lrelu")(j)
+    j = keras.layers.Dropout(dropout, name="joint_dropout2")(j)
+    logit = sn(keras.layers.Dense(1, dtype="float32", name="logit"))(j)
+    return keras.Model([x_in, z_in], logit, name="discriminator")
+
+
+@register("bigan")
+@keras.saving.register_keras_serializable(package="keras_oneimage")
+class BiGAN(SelfSupervisedMethod):
+    """BiGAN with an AlexNet encoder.
+
+    Args:
+        backbone: the trunk; E(x) = Dense(latent_dim)(flatten(backbone(x))).
+        latent_dim: size of z (200, Donahue et al. 2017).
+        generator_width, discriminator_width: DCGAN base widths (64, Radford et al. 2016).
+        dropout: dropout in D's joint part (0.2).
+        spectral_norm: spectrally normalise D (Miyato et al. 2018).
+        d_learning_rate, eg_learning_rate: Adam learning rates of `default_optimizer` (2e-4 each, Donahue et al.;
+            set them apart for a two time-scale update rule).
+        seed: seeds the z draws; default: drawn from Python's RNG (fixed by ``keras.utils.set_random_seed``).
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        latent_dim: int = DEFAULT_LATENT_DIM,
+        generator_width: int = 64,
+        discriminator_width: int = 64,
+        dropout: float = DEFAULT_DROPOUT,
+        spectral_norm: bool = True,
+        d_learning_rate: float = LEARNING_RATE,
+        eg_learning_rate: float = LEARNING_RATE,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "bigan")
+        super().__init__(backbone, **kwargs)
+        for name, value in (("latent_dim", latent_dim), ("generator_width", generator_width),
+                            ("discriminator_width", discriminator_width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
+        for name, value in (("d_learning_rate", d_learning_rate), ("eg_learning_rate", eg_learning_rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InputError(f"{name} must be a positive number, got {value!r}")
+        self.d_learning_rate = float(d_learning_rate)
+        self.eg_learning_rate = float(eg_learning_rate)
+        self.latent_dim = int(latent_dim)
+        self.generator_width = int(generator_width)
+        self.discriminator_width = int(discriminator_width)
+        self.dropout = float(dropout)
+        self.spectral_norm = bool(spectral_norm)
+        self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        size = int(getattr(backbone, "image_size", 64))
+        self.image_size = size
+        self.encoder_head = keras.Sequential(
+            [keras.layers.Flatten(name="flatten"), keras.layers.Dense(self.latent_dim, dtype="float32", name="z")],
+            name="encoder_head",
+        )
+        self.generator = build_generator(self.latent_dim, size, self.generator_width)
+        self.discriminator = build_discriminator(self.latent_dim, size, self.discriminator_width, self.dropout,
+                                                 self.spectral_norm)
+        self.d_optimizer: keras.optimizers.Optimizer | None = None
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("d_loss", "eg_loss", "d_accuracy", "d_acc_real", "d_acc_fake")
+        }
+
+    # ------------------------------------------------------------------------------------------------ model
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def encode(self, x, training=None):
+        """E(x): the latent code ``(B, latent_dim)`` of patches in [0, 1]."""
+        return self.encoder_head(self.backbone(x, training=training), training=training)
+
+    def call(self, x, training=None):
+        """E(x) (what BiGAN learns to represent a patch by)."""
+        return self.encode(x, training=training)
+
+    def build(self, input_shape=None):
+        if input_shape is None:
+            input_shape = (None, self.image_size, self.image_size, 3)
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        self.encoder_head.build((None, *self.backbone.feature_shapes(input_shape[1])["output"]))
+        # A zero-batch pass creates the spectral-norm vectors (built on first call).
+        self.discriminator([tf.zeros((1, self.image_size, self.image_size, 3)), tf.zeros((1, self.latent_dim))])
+        self.built = True
+        self._build_optimizers()
+
+    def eg_variables(self) -> list:
+        """Trainable variables of the encoder (trunk + head) and the generator."""
+        return [*self.backbone.trainable_variables, *self.encoder_head.trainable_variables,
+                *self.generator.trainable_variables]
+
+    # ------------------------------------------------------------------------------------------------ optimizers
+    def default_optimizer(self) -> dict[str, keras.optimizers.Optimizer]:
+        """``{"d": Adam, "eg": Adam}`` with β1 = 0.5 and the ``d_/eg_learning_rate`` options (Donahue et al. §4)."""
+        return {
+            "d": keras.optimizers.Adam(self.d_learning_rate, beta_1=ADAM_BETA_1, beta_2=0.999),
+            "eg": keras.optimizers.Adam(self.eg_learning_rate, beta_1=ADAM_BETA_1, beta_2=0.999),
+        }
+
+    def compile(self, optimizer=None, **kwargs):
+        """``optimizer``: ``{"d": …, "eg": …}``, one optimizer (cloned for D), or None for `default_optimizer`."""
+        if optimizer is None:
+            optimizer = self.default_optimizer()
+        if isinstance(optimizer, dict):
+            unknown = set(optimizer) - {"d", "eg"}
+            if unknown or not {"d", "eg"} <= set(optimizer):
+                raise InputError(f"BiGAN optimizers must be a dict with keys 'd' and 'eg', got {sorted(optimizer)}")
+            d_opt, eg_opt = optimizer["d"], optimizer["eg"]
+        else:
+            eg_opt = keras.optimizers.get(optimizer)
+            d_opt = eg_opt.__class__.from_config(eg_opt.get_config())
+        super().compile(optimizer=eg_opt, **kwargs)
+        self.d_optimizer = d_opt
+        self._build_optimizers()
+
+    @property
+    def eg_optimizer(self) -> keras.optimizers.Optimizer:
+        return self.optimizer
+
+    def _build_optimizers(self) -> None:
+        # Each player's optimizer gets slots for its own variables only (Keras would otherwise give the main
+        # optimizer slots for every trainable variable).
+        if not self.built or self.d_optimizer is None or getattr(self, "optimizer", None) is None:
+            return
+        if not self.optimizer.built:
+            self.optimizer.build(self.eg_variables())
+        if not self.d_optimizer.built:
+            self.d_optimizer.build(self.discriminator.trainable_variables)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def sample_latent(self, batch: int, seed) -> tf.Tensor:
+        """z ~ U(-1, 1)^latent_dim (Donahue et al. 2017), stateless."""
+        return tf.random.stateless_uniform((batch, self.latent_dim), seed=seed, minval=-1.0, maxval=1.0,
+                                           alg="philox")
+
+    def _step_seed(self) -> tf.Tensor:
+        seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64),
+                                                        self.optimizer.iterations, alg="philox")
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        return tf.random.experimental.stateless_fold_in(seed, replica_id, alg="philox")
+
+    def train_step(self, data):
+        x = tf.cast(unpack_patches(data), tf.float32)
+        batch = tf.shape(x)[0]
+        z = self.sample_latent(batch, self._step_seed())
+        with tf.GradientTape(persistent=True) as tape:
+            e_x = self.encode(x, training=True)
+            g_z = self.generator(z, training=True)
+            # One D pass over [real; fake] pairs (D has no BatchNorm, so the halves do not interact).
+            logits = self.discriminator(
+                [tf.concat([x, tf.cast(g_z, x.dtype)], 0), tf.concat([tf.cast(e_x, z.dtype), z], 0)], training=True
+            )
+            real_logits, fake_logits = logits[:batch], logits[batch:]
+            d_loss, eg_loss = bigan_losses(real_logits, fake_logits)
+            d_scaled = self.scaled_loss(d_loss, self.d_optimizer)
+            eg_scaled = self.scaled_loss(eg_loss, self.optimizer)
+        # Simultaneous updates of both players from the same forward pass.
+        self.minimize(d_scaled, tape, self.discriminator.trainable_variables, self.d_optimizer)
+        self.minimize(eg_scaled, tape, self.eg_variables(), self.optimizer)
+        del tape
+        acc_real = tf.reduce_mean(tf.cast(real_logits > 0, tf.float32))
+        acc_fake = tf.reduce_mean(tf.cast(fake_logits < 0, tf.float32))
+        for name, value in (("d_loss", d_loss), ("eg_loss", eg_loss), ("d_accuracy", (acc_real + acc_fake) / 2),
+                            ("d_acc_real", acc_real), ("d_acc_fake", acc_fake)):
+            self.trackers[name].update_state(value)
+        return {name: m.result() for name, m in self.trackers.items()}
+
+    def method_callbacks(self, context: FitContext) -> list[keras.callbacks.Callback]:
+        """:class:`BiGANSamples` when the run has an output_dir."""
+        if not context or not context.output_dir:
+            return []
+        return [BiGANSamples(context)]
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "latent_dim": self.latent_dim,
+            "generator_width": self.generator_width,
+            "discriminator_width": self.discriminator_width,
+            "dropout": self.dropout,
+            "spectral_norm": self.spectral_norm,
+            "d_learning_rate": self.d_learning_rate,
+            "eg_learning_rate": self.eg_learning_rate,
+            "seed": self.seed,
+        }
+
+
+class BiGANSamples(keras.callbacks.Callback):
+    """Each epoch: ``output_dir/bigan_samples_epoch{E}.png`` (E from 1) with G(z) and x / G(E(x)) rows.
+
+    Rows 1–2: samples G(z) for fixed z; row 3: fixed real patches x; row 4: their reconstructions G(E(x)).
+    """
+
+    def __init__(self, context: FitContext, columns: int = 8):
+        super().__init__()
+        self.output_dir = pathlib.Path(context.output_dir)
+        self.context = context
+        self.columns = int(columns)
+        self._x = None
+        self._z = None
+        self.written: list[pathlib.Path] = []
+        self.last_grid: np.ndarray | None = None  # (4·columns, S, S, 3): samples, reals, reconstructions
+
+    def on_train_begin(self, logs=None):
+        from keras_oneimage.data.synthetic import patch_dataset
+
+        c = self.context
+        stream = patch_dataset(c.images, image_size=c.image_size, batch_size=self.columns, augment=c.augment,
+                               seed=int(c.seed) + 1)
+        self._x = next(iter(stream))
+        self._z = self.model.sample_latent(2 * self.columns, tf.constant([int(c.seed) % 2**31, 7], tf.int32))
+
+    def on_epoch_end(self, epoch, logs=None):
+        from keras_oneimage.plots import image_grid
+
+        values = [v for k, v in (logs or {}).items() if k.endswith("loss")]
+        if any(not math.isfinite(float(v)) for v in values):
+            return  # diverged: run_training's guard reports it; do not draw NaN images
+        model = self.model
+        samples = model.generator(self._z, training=False)
+        recon = model.generator(model.encode(self._x, training=False), training=False)
+        grid = np.concatenate([np.asarray(samples), np.asarray(self._x), np.asarray(recon)], axis=0)
+        path = self.output_dir / f"bigan_samples_epoch{epoch + 1}.png"
+        os.makedirs(self.output_dir, exist_ok=True)
+        image_grid(grid, path, title=f"epoch {epoch + 1}: G(z) | x | G(E(x))", ncols=self.columns)
+        self.written.append(path)
+        self.last_grid = grid

@@ -1,0 +1,263 @@
+"""AlexNet with BatchNorm, the trunk whose early layers the single-image paper trains.
+
+Asano et al. (ICLR 2020, §4 "Architecture") use the AlexNet of the self-supervision benchmarks (Krizhevsky et al.
+2012 widths 96-256-384-384-256, BatchNorm after every convolution, as in Gidaris et al. 2018 and Caron et al. 2018)
+and read linear probes off conv1 … conv5. ``variant="imagenet"`` is that network at 224 px; ``variant="cifar"``
+keeps the widths but adapts the stem to 32/64 px inputs so it trains on a CPU.
+
+The model takes float RGB in ``[0, 1]`` and normalises inside (fixed per-channel mean/std stored in the config), so
+an exported trunk carries its preprocessing. ``sobel=True`` prepends the fixed Sobel front end used by DeepCluster.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import keras
+from keras import ops
+
+from keras_oneimage.errors import InputError
+from keras_oneimage.models.sobel import Sobel
+
+#: ImageNet channel statistics, the normalisation every benchmark AlexNet uses (torchvision convention).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Krizhevsky et al. (2012) widths, kept by Asano et al. (2020, §4).
+ALEXNET_WIDTHS = (96, 256, 384, 384, 256)
+VARIANTS = ("cifar", "imagenet")
+
+
+@keras.saving.register_keras_serializable(package="keras_oneimage")
+class ConvBNReLU(keras.layers.Layer):
+    """Conv2D (no bias) → BatchNorm → ReLU; its output is a probe tap (post-BN, post-ReLU)."""
+
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1, padding: int | str = "same", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.strides = int(strides)
+        self.padding = padding
+        self.pad = keras.layers.ZeroPadding2D(padding, name="pad") if isinstance(padding, int) and padding else None
+        self.conv = keras.layers.Conv2D(
+            self.filters,
+            self.kernel_size,
+            strides=self.strides,
+            padding="same" if padding == "same" else "valid",
+            use_bias=False,
+            kernel_initializer="he_normal",  # Caron et al. 2018 initialise AlexNet with N(0, 2/n).
+            name="conv",
+        )
+        self.bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")
+
+    def build(self, input_shape):
+        shape = input_shape
+        if self.pad is not None:
+            self.pad.build(shape)
+            shape = self.pad.compute_output_shape(shape)
+        self.conv.build(shape)
+        self.bn.build(self.conv.compute_output_shape(shape))
+
+    def call(self, x, training=None):
+        if self.pad is not None:
+            x = self.pad(x)
+        return ops.relu(self.bn(self.conv(x), training=training))
+
+    def compute_output_shape(self, input_shape):
+        shape = self.pad.compute_output_shape(input_shape) if self.pad is not None else input_shape
+        return self.conv.compute_output_shape(shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+        }
+
+
+def _check_layers(layers: str | Iterable[str]) -> tuple[str, ...]:
+    names = (layers,) if isinstance(layers, str) else tuple(layers)
+    bad = [n for n in names if n not in AlexNet.TAPS]
+    if bad or not names:
+        raise InputError(f"unknown layer(s) {bad or names!r}; choose from {', '.join(AlexNet.TAPS)}")
+    return names
+
+
+@keras.saving.register_keras_serializable(package="keras_oneimage")
+class AlexNet(keras.Model):
+    """AlexNet-BN trunk. ``call`` returns the pooled conv5 map; ``features`` returns the conv1…conv5 taps.
+
+    Args:
+        variant: ``"imagenet"`` (224 px: conv1 11x11/4, max-pool 3/2 after conv1, conv2 and conv5) or ``"cifar"``
+            (32/64 px: conv1 5x5 with stride ``image_size // 32`` so its map is 32x32, the same pooling pattern with
+            "same" padding: conv2 at 16x16, conv3-5 at 8x8, output 4x4x256).
+        image_size: input side the model is meant for (used for building and ``feature_shapes``; the network
+            itself is fully convolutional).
+        sobel: prepend the fixed grayscale→Sobel front end (DeepCluster, Caron et al. 2018 §5); conv1 then
+            sees 2 channels.
+        widths: the five conv widths (default 96-256-384-384-256, Asano et al. 2020 §4); smaller for quick tests.
+        mean, std: per-channel input normalisation applied inside the model (ImageNet statistics by default).
+    """
+
+    TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+    def __init__(
+        self,
+        variant: str = "cifar",
+        image_size: int = 64,
+        sobel: bool = False,
+        widths: Sequence[int] = ALEXNET_WIDTHS,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "alexnet")
+        super().__init__(**kwargs)
+        if variant not in VARIANTS:
+            raise InputError(f"unknown AlexNet variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != 5 or min(widths) < 1:
+            raise InputError(f"widths must be five positive integers, got {widths!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise InputError(f"mean/std must be three numbers each (std > 0), got {mean!r} / {std!r}")
+        self.variant = variant
+        self.image_size = int(image_size)
+        self.sobel = bool(sobel)
+        self.widths = widths
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._spec = _stem_spec(variant, self.image_size)
+        shapes = _feature_shapes(self._spec, self.image_size, widths)
+        if min(min(s[:2]) for s in shapes.values()) < 1:
+            raise InputError(f"image_size {image_size} is too small for the {variant!r} AlexNet")
+
+        self.sobel_layer = Sobel(name="sobel") if self.sobel else None
+        conv1_kernel, conv1_stride, conv1_pad = self._spec["conv1"]
+        pool_pad = self._spec["pool_padding"]
+        self.conv1 = ConvBNReLU(widths[0], conv1_kernel, conv1_stride, conv1_pad, name="conv1")
+        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool1")
+        self.conv2 = ConvBNReLU(widths[1], 5, 1, "same", name="conv2")
+        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool2")
+        self.conv3 = ConvBNReLU(widths[2], 3, 1, "same", name="conv3")
+        self.conv4 = ConvBNReLU(widths[3], 3, 1, "same", name="conv4")
+        self.conv5 = ConvBNReLU(widths[4], 3, 1, "same", name="conv5")
+        self.pool5 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool5")
+        # (tap layer, pooling applied after it before the next block)
+        self._blocks = (
+            (self.conv1, self.pool1),
+            (self.conv2, self.pool2),
+            (self.conv3, None),
+            (self.conv4, None),
+            (self.conv5, self.pool5),
+        )
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def preprocess(self, x):
+        """[0, 1] RGB → normalised input of conv1 (and Sobel gradients when ``sobel``)."""
+        x = ops.cast(x, self.compute_dtype)
+        mean = ops.cast(ops.convert_to_tensor(self.mean), x.dtype)
+        std = ops.cast(ops.convert_to_tensor(self.std), x.dtype)
+        x = (x - mean) / std
+        return self.sobel_layer(x) if self.sobel_layer is not None else x
+
+    def call(self, x, training=None):
+        x = self.preprocess(x)
+        for block, pool in self._blocks:
+            x = block(x, training=training)
+            if pool is not None:
+                x = pool(x)
+        return x
+
+    def features(
+        self,
+        x,
+        layers: str | Iterable[str] = ("conv1", "conv2"),
+        training: bool = False,
+        dtype: str | None = "float32",
+    ) -> dict:
+        """The requested taps (post-BN, post-ReLU, before pooling) from one forward pass.
+
+        Stops after the deepest requested layer. ``dtype`` casts the taps (default float32, so probes get float32
+        even under a mixed-precision policy); ``None`` keeps the compute dtype.
+        """
+        names = _check_layers(layers)
+        deepest = max(self.TAPS.index(n) for n in names)
+        out = {}
+        x = self.preprocess(x)
+        for i, (block, pool) in enumerate(self._blocks[: deepest + 1]):
+            x = block(x, training=training)
+            if self.TAPS[i] in names:
+                out[self.TAPS[i]] = ops.cast(x, dtype) if dtype is not None else x
+            if pool is not None and i < deepest:
+                x = pool(x)
+        return {n: out[n] for n in names}
+
+    # ------------------------------------------------------------------------------------------------ shapes
+    def feature_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """``{tap: (h, w, c)}`` for square inputs of side ``image_size`` (default: the model's), plus ``"output"``."""
+        size = self.image_size if image_size is None else int(image_size)
+        return _feature_shapes(_stem_spec(self.variant, size), size, self.widths)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels conv1 sees: 2 with the Sobel front end, 3 otherwise."""
+        return 2 if self.sobel else 3
+
+    def build(self, input_shape=None):
+        """Creates every weight for inputs of ``input_shape`` (default ``(None, S, S, 3)``)."""
+        if input_shape is None:
+            input_shape = (None, self.image_size, self.image_size, 3)
+        shape = tuple(input_shape)
+        if self.sobel_layer is not None:
+            if not self.sobel_layer.built:
+                self.sobel_layer.build(shape)
+            shape = self.sobel_layer.compute_output_shape(shape)
+        for block, pool in self._blocks:
+            if not block.built:
+                block.build(shape)
+            shape = block.compute_output_shape(shape)
+            if pool is not None:
+                shape = pool.compute_output_shape(shape)
+        self.built = True
+
+    def get_config(self):
+        base = super().get_config()
+        base = {k: base[k] for k in ("name", "trainable", "dtype") if k in base}
+        return {
+            **base,
+            "variant": self.variant,
+            "image_size": self.image_size,
+            "sobel": self.sobel,
+            "widths": list(self.widths),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def _stem_spec(variant: str, image_size: int) -> dict:
+    if variant == "imagenet":
+        # Krizhevsky et al. 2012: conv1 11x11 stride 4 (pad 2 → 55x55 at 224 px), max-pools 3/2 without padding.
+        return {"conv1": (11, 4, 2), "pool_padding": "valid"}
+    # cifar: stride image_size // 32 keeps the conv1 map at 32x32 for 32 and 64 px inputs.
+    return {"conv1": (5, max(1, image_size // 32), "same"), "pool_padding": "same"}
+
+
+def _feature_shapes(spec: dict, size: int, widths: Sequence[int]) -> dict[str, tuple[int, int, int]]:
+    kernel, stride, pad = spec["conv1"]
+    if pad == "same":
+        s = math.ceil(size / stride)
+    else:
+        s = (size + 2 * pad - kernel) // stride + 1
+
+    def pool(n: int) -> int:
+        return math.ceil(n / 2) if spec["pool_padding"] == "same" else (n - 3) // 2 + 1
+
+    sides = {"conv1": s}
+    s = pool(s)
+    sides["conv2"] = s
+    s = pool(s)
+    sides.update(conv3=s, conv4=s, conv5=s)
+    sides["output"] = pool(s)
+    channels = dict(zip(AlexNet.TAPS, widths), output=widths[4])
+    return {k: (v, v, channels[k]) for k, v in sides.items()}
