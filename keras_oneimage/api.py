@@ -215,26 +215,50 @@ def fit(
 
 def load_trained(checkpoint: str | os.PathLike):
     """Load a method model from ``model.keras`` or from a `fit` output_dir holding one."""
-    import keras
+    from keras_oneimage.checkpoints import load_checkpoint
 
-    # Importing the package's modules registers their Keras classes for deserialisation.
-    from keras_oneimage.methods import registry
-    from keras_oneimage.models import alexnet  # noqa: F401
-
-    for name in registry.available():
-        registry.get(name)
-    path = pathlib.Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {str(path)!r} (expected a model.keras file or a fit output_dir)")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # keras raises a variety of errors for corrupt archives
-        raise InputError(f"cannot load checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    return load_checkpoint(checkpoint)[0]
 
 
-def _backbone_of(model_or_checkpoint: Any):
-    if isinstance(model_or_checkpoint, (str, os.PathLike)):
-        model_or_checkpoint = load_trained(model_or_checkpoint)
-    return getattr(model_or_checkpoint, "backbone", model_or_checkpoint)
+def probe(
+    model_or_checkpoint: Any,
+    dataset: Any = "cifar10",
+    *,
+    layers: Sequence[str] = ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    knn: bool = False,
+    max_per_class: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    **probe_options: Any,
+) -> dict[str, float]:
+    """Per-layer linear-probe accuracy (paper §4) of a trained trunk on a labelled set.
+
+    Args:
+      model_or_checkpoint: a method model, an AlexNet, a ``model.keras`` path or a `fit` output_dir.
+      dataset: ``"cifar10"`` (local copy or TFDS), a class-folder tree with ``train/`` and ``test/``, or a
+        :class:`~keras_oneimage.data.labelled.LabelledData`.
+      layers: taps to probe; all are trained in one pass over the data.
+      knn: also run the cosine kNN (k=20) probe; its results are keyed ``knn_<layer>``.
+      max_per_class: subsample each class (quick runs).
+      **probe_options: ``epochs``, ``batch_size``, ``learning_rate``, ``split`` ("val" or "test"), ...
+
+    Returns:
+      ``{layer: top-1 accuracy in [0, 1]}`` (plus ``knn_<layer>`` entries when ``knn``).
+    """
+    from keras_oneimage.checkpoints import backbone_of
+    from keras_oneimage.data.labelled import LabelledData, load_labelled
+    from keras_oneimage.probes import knn_probe
+    from keras_oneimage.probes import probe as linear_probe
+
+    backbone = backbone_of(model_or_checkpoint)
+    data = (
+        dataset
+        if isinstance(dataset, LabelledData)
+        else load_labelled(dataset, val_fraction=val_fraction, seed=seed, max_per_class=max_per_class)
+    )
+    results = linear_probe(backbone, data, layers=layers, seed=seed, **probe_options)
+    if knn:
+        split = probe_options.get("split", "test")
+        knn_results = knn_probe(backbone, data, layers=layers, split=split)
+        results.update({f"knn_{layer}": acc for layer, acc in knn_results.items()})
+    return results

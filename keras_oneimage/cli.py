@@ -87,8 +87,144 @@ def _fit(fv: flags.FlagValues) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------- probe
+def _probe_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "A model.keras file or a fit output_dir.", flag_values=fv)
+    flags.DEFINE_string("dataset", "cifar10", "'cifar10' or a class-folder tree with train/ and test/.", flag_values=fv)
+    flags.DEFINE_string("layers", "conv1,conv2,conv3,conv4,conv5", "Comma-separated taps to probe.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 36, "Probe training epochs (paper: 36).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 192, "Probe batch size (paper: 192).", flag_values=fv)
+    flags.DEFINE_float("learning_rate", None, "Probe SGD learning rate (default: the probe module's).", flag_values=fv)
+    flags.DEFINE_enum("split", "test", ["val", "test"], "Split to report accuracy on.", flag_values=fv)
+    flags.DEFINE_integer("max_per_class", None, "Subsample each class (quick runs).", flag_values=fv)
+    flags.DEFINE_bool("knn", False, "Also run the cosine kNN (k=20) probe.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Also write the results as JSON to this file.", flag_values=fv)
+
+
+def _probe(fv: flags.FlagValues) -> int:
+    import json
+
+    from keras_oneimage import api
+
+    if not fv.checkpoint:
+        raise UsageError("--checkpoint is required")
+    options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split}
+    if fv.learning_rate is not None:
+        options["learning_rate"] = fv.learning_rate
+    results = api.probe(
+        fv.checkpoint,
+        fv.dataset,
+        layers=_split_list(fv.layers),
+        knn=fv.knn,
+        max_per_class=fv.max_per_class,
+        seed=fv.seed,
+        **options,
+    )
+    for layer, acc in results.items():
+        print(f"{layer:10s} {100 * acc:6.2f}%")
+    if fv.output:
+        with open(fv.output, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- export
+def _export_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "A model.keras file or a fit output_dir.", flag_values=fv)
+    flags.DEFINE_string("layers", "conv1,conv2", "Comma-separated taps the SavedModel returns.", flag_values=fv)
+    flags.DEFINE_string("name", None, "Model name: the export goes to <base_dir>/<name>/<version>.", flag_values=fv)
+    flags.DEFINE_string("base_dir", "exported_models", "Where exported models live.", flag_values=fv)
+
+
+def _export(fv: flags.FlagValues) -> int:
+    from keras_oneimage.export import export
+
+    if not fv.checkpoint:
+        raise UsageError("--checkpoint is required")
+    if not fv.name:
+        raise UsageError("--name is required")
+    if os.sep in fv.name or fv.name in (".", ".."):
+        raise UsageError(f"--name must be a plain name, got {fv.name!r}")
+    version_dir = export(fv.checkpoint, os.path.join(fv.base_dir, fv.name), layers=_split_list(fv.layers))
+    print(f"exported {fv.layers} to {version_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- serve
+def _serve_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model_base_path", None, "exported_models/<name> (holds numbered versions).", flag_values=fv)
+    flags.DEFINE_string("model_name", None, "Name in the URL (default: the base path's last part).", flag_values=fv)
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind.", flag_values=fv)
+    flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST default is 8501).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("max_batch_size", 32, "Server-side batching: most images per model call.", flag_values=fv)
+
+
+def _serve(fv: flags.FlagValues) -> int:
+    from keras_oneimage.serve import serve
+
+    if not fv.model_base_path:
+        raise UsageError("--model_base_path is required")
+    serve(
+        fv.model_base_path,
+        host=fv.host,
+        port=fv.port,
+        model_name=fv.model_name,
+        max_batch_size=fv.max_batch_size,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- tune
+def _tune_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string("image", None, "Source image path (repeat for N). Default: embedded photo.", flag_values=fv)
+    flags.DEFINE_string("method", "rotnet", "Self-supervised method.", flag_values=fv)
+    flags.DEFINE_string("dataset", "cifar10", "Labelled set to score on (its validation split).", flag_values=fv)
+    flags.DEFINE_string("objective", "conv2", "Probe layer to maximise, or 'mean:conv1,conv2'.", flag_values=fv)
+    flags.DEFINE_enum("algorithm", "bayesian", ["bayesian", "hyperband", "random"], "Search algorithm.", flag_values=fv)
+    flags.DEFINE_integer("max_trials", 10, "Trials (bayesian/random).", flag_values=fv)
+    flags.DEFINE_string("directory", "tuning", "Tuner directory (rerun to resume).", flag_values=fv)
+    flags.DEFINE_string("project_name", None, "Tuner project name (default: from method).", flag_values=fv)
+    flags.DEFINE_integer("image_size", 32, "Patch side in pixels.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 2, "Training epochs per trial (hyperband: the maximum).", flag_values=fv)
+    flags.DEFINE_integer("steps_per_epoch", 100, "Steps per epoch.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "Batch size.", flag_values=fv)
+    flags.DEFINE_integer("max_per_class", None, "Subsample each class of the labelled set.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+
+
+def _tune(fv: flags.FlagValues) -> int:
+    from keras_oneimage.tuning import tune
+
+    images = fv.image or None
+    if images is not None and len(images) == 1:
+        images = images[0]
+    result = tune(
+        images,
+        method=fv.method,
+        objective=fv.objective,
+        dataset=fv.dataset,
+        max_trials=fv.max_trials,
+        algorithm=fv.algorithm,
+        directory=fv.directory,
+        project_name=fv.project_name,
+        image_size=fv.image_size,
+        epochs=fv.epochs,
+        steps_per_epoch=fv.steps_per_epoch,
+        batch_size=fv.batch_size,
+        max_per_class=fv.max_per_class,
+        seed=fv.seed,
+    )
+    print(f"best hyperparameters: {result.best_hyperparameters}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
     "fit": ("train a self-supervised method on one image", _fit_flags, _fit),
+    "probe": ("per-layer linear-probe accuracy of a trained trunk", _probe_flags, _probe),
+    "export": ("export frozen early layers as a TF Serving SavedModel", _export_flags, _export),
+    "serve": ("serve an exported model over TF Serving's REST API", _serve_flags, _serve),
+    "tune": ("Keras Tuner search over augmentation strength, scored by probes", _tune_flags, _tune),
 }
 
 

@@ -27,6 +27,7 @@ import shutil
 import uuid
 from typing import Any, Mapping, Sequence
 
+from keras_oneimage.checkpoints import load_checkpoint
 from keras_oneimage.errors import InputError
 
 METADATA_FILE = "keras_oneimage.json"
@@ -48,42 +49,6 @@ def numeric_versions(base_dir: str | os.PathLike) -> list[int]:
     if not base.is_dir():
         return []
     return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
-
-
-def _import_registered_classes() -> None:
-    """Import the package's Keras classes so that ``keras.saving.load_model`` can rebuild them."""
-    import importlib
-
-    for module in ("keras_oneimage.models.alexnet",):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-    try:
-        from keras_oneimage.methods import registry
-
-        for name in registry.available():
-            try:
-                registry.get(name)
-            except Exception:  # a method module that fails to import must not block loading the others
-                pass
-    except ImportError:
-        pass
-
-
-def _load_checkpoint(path: pathlib.Path):
-    import keras
-
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {str(path)!r} (expected a model.keras file or a fit output_dir)")
-    _import_registered_classes()
-    try:
-        return keras.saving.load_model(path, compile=False), path
-    except Exception as exc:  # keras raises many error types for unreadable archives
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"cannot load checkpoint {str(path)!r}: {first}") from None
 
 
 def _run_info_for(checkpoint: pathlib.Path) -> dict[str, Any]:
@@ -108,7 +73,7 @@ def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]
     provenance: dict[str, Any] = {}
     model = model_or_backbone
     if isinstance(model_or_backbone, (str, os.PathLike)):
-        model, ckpt = _load_checkpoint(pathlib.Path(model_or_backbone))
+        model, ckpt = load_checkpoint(model_or_backbone)
         provenance["checkpoint"] = str(ckpt.resolve())
         provenance["checkpoint_sha256"] = _file_sha256(ckpt)
         run_info = _run_info_for(ckpt)
