@@ -9,7 +9,7 @@ import math
 import os
 import pathlib
 import tempfile
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -100,15 +100,13 @@ def sobel_effective_filters(kernel: np.ndarray) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def conv1_filter_grid(model, path: PathLike, *, title: str | None = None) -> pathlib.Path:
-    """Save the conv1 filters of ``model`` (an AlexNet, or a method with ``.backbone``) as a grid image.
+def conv1_filter_mosaic(model) -> np.ndarray:
+    """The conv1 filters of ``model`` (an AlexNet, or a method with ``.backbone``) as one ``(H, W, C)`` mosaic.
 
     Each filter is normalised to [0, 1] on its own (as in the paper's Fig. 3). RGB-input filters are shown in
     colour; for a Sobel-input conv1 (DeepCluster) each filter is composed with the fixed Sobel front end and shown
     as the grayscale filter it applies to the image.
     """
-    from matplotlib.figure import Figure
-
     kernel, backbone = _conv1_kernel(model)
     cin = kernel.shape[2]
     if cin == 2 and getattr(backbone, "sobel", False):
@@ -117,16 +115,37 @@ def conv1_filter_grid(model, path: PathLike, *, title: str | None = None) -> pat
         tiles = np.transpose(kernel, (3, 0, 1, 2))  # (N, k, k, C)
         if cin not in (1, 3):
             tiles = tiles.mean(axis=-1, keepdims=True)
-    tiles = _normalise_each(tiles)
-    mosaic = _mosaic(tiles)
-    side = max(2.0, min(12.0, mosaic.shape[1] / 12))
-    fig = Figure(figsize=(side, side * mosaic.shape[0] / mosaic.shape[1] + (0.4 if title else 0)))
-    ax = fig.add_subplot()
+    return _mosaic(_normalise_each(tiles))
+
+
+def _show(ax, mosaic: np.ndarray, title: str | None) -> None:
     ax.imshow(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
+
+
+def conv1_filter_grid(model, path: PathLike, *, title: str | None = None) -> pathlib.Path:
+    """Save the conv1 filters of ``model`` as a grid image (see :func:`conv1_filter_mosaic`)."""
+    from matplotlib.figure import Figure
+
+    mosaic = conv1_filter_mosaic(model)
+    side = max(2.0, min(12.0, mosaic.shape[1] / 12))
+    fig = Figure(figsize=(side, side * mosaic.shape[0] / mosaic.shape[1] + (0.4 if title else 0)))
+    _show(fig.add_subplot(), mosaic, title)
+    return _save(fig, path)
+
+
+def conv1_filter_comparison(models: Mapping[str, Any], path: PathLike) -> pathlib.Path:
+    """Save the conv1 filter grids of several models side by side, one titled panel each (paper Fig. 3)."""
+    from matplotlib.figure import Figure
+
+    if not models:
+        raise ValueError("conv1_filter_comparison needs at least one model")
+    fig = Figure(figsize=(3.2 * len(models), 3.6))
+    for i, (name, model) in enumerate(models.items()):
+        _show(fig.add_subplot(1, len(models), i + 1), conv1_filter_mosaic(model), name)
     return _save(fig, path)
 
 

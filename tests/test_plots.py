@@ -7,7 +7,13 @@ from matplotlib import image as mpimg
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods.rotnet import RotNet
 from keras_oneimage.models import AlexNet
-from keras_oneimage.plots import conv1_filter_grid, image_grid, layer_accuracy_plot, sobel_effective_filters
+from keras_oneimage.plots import (
+    conv1_filter_comparison,
+    conv1_filter_grid,
+    image_grid,
+    layer_accuracy_plot,
+    sobel_effective_filters,
+)
 
 TINY = (12, 8, 8, 8, 8)
 
@@ -70,3 +76,15 @@ def test_layer_accuracy_plot(tmp_path):
     _read_nonconstant(layer_accuracy_plot(results, tmp_path / "acc.png", title="linear probes"))
     with pytest.raises(InputError, match="non-empty"):
         layer_accuracy_plot({}, tmp_path / "empty.png")
+
+
+def test_conv1_filter_comparison_shows_each_model(tmp_path):
+    rgb = AlexNet("cifar", 32, widths=TINY)
+    sobel = AlexNet("cifar", 32, sobel=True, widths=TINY)
+    for m in (rgb, sobel):
+        m(tf.zeros((1, 32, 32, 3)))
+    one = _read_nonconstant(conv1_filter_comparison({"rgb": rgb}, tmp_path / "one.png"))
+    two = _read_nonconstant(conv1_filter_comparison({"rgb": rgb, "sobel": sobel}, tmp_path / "two.png"))
+    assert two.shape[1] > 1.5 * one.shape[1]  # a panel per model, side by side
+    with pytest.raises(ValueError):
+        conv1_filter_comparison({}, tmp_path / "none.png")

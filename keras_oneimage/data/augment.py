@@ -1,4 +1,4 @@
-"""Augmentation settings and the batched patch sampler (one inverse affine map and one gather per patch).
+"""Augmentation settings and the batched patch sampler (one inverse affine map per patch, no per-patch loop).
 
 The paper (§3, "Data augmentation") builds its training set by taking random crops of a single image down to
 a fraction β of its area with aspect ratios in [γ, 1/γ] (RandomResizedCrop), random rotations, flips and
@@ -6,7 +6,8 @@ colour jitter. :class:`PatchSampler` draws those parameters for a whole batch wi
 renders every patch by mapping each output pixel back into the source through one composed affine map (flip,
 anisotropic scale, rotation, translation) followed by one trilinear read of the source pyramid
 (:mod:`keras_oneimage.data.pyramid`), then a per-pixel linear colour transform. Everything is batched
-arithmetic and gathers, so it compiles with XLA on CPU and GPU.
+arithmetic and gathers (no crop_and_resize / ImageProjectiveTransform, which have no XLA:CPU kernels), so
+it compiles with XLA on CPU and GPU.
 
 Edge handling: the axis-aligned crop always lies inside the image (as in RandomResizedCrop); only the corners
 of a rotated crop can leave it, and those read the image mirrored about its border (reflection), which keeps
@@ -109,12 +110,17 @@ class AugmentConfig:
         )
 
 
-def _seeds(seed: Any, count: int) -> list[tf.Tensor]:
-    """``count`` independent stateless seeds from one ``int`` or shape-``[2]`` seed."""
+_UNIFORMS = ("source", "area", "aspect", "cx", "cy", "angle", "flip", "bright", "contrast", "blur", "noise")
+
+
+_NOISE_KEY = 0x5DEECE66D  # xor-ed into the seed's key word: an independent stream for pixel noise
+
+
+def _seed_tensor(seed: Any) -> tf.Tensor:
+    """A shape-``[2]`` int64 stateless seed from an ``int`` or a shape-``[2]`` integer tensor."""
     if isinstance(seed, (int, np.integer)):
         seed = [int(seed), 0]
-    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    return list(tf.unstack(tf.random.experimental.stateless_split(seed, count, alg=ALG)))
+    return tf.cast(tf.convert_to_tensor(seed), tf.int64)
 
 
 class PatchSampler:
@@ -146,17 +152,24 @@ class PatchSampler:
         """
         cfg = self.augment
         b = int(batch_size)
-        (k_src, k_area, k_aspect, k_cx, k_cy, k_angle, k_flip, k_color, k_bright, k_contrast, k_blur, k_noise,
-         k_noise_seed) = _seeds(seed, 13)
+        seed = _seed_tensor(seed)
+        # ONE Philox call draws every per-patch number (each Philox op adds ~1 s of XLA:CPU compile time);
+        # the colour matrix normals come from the last 10 uniforms by Box-Muller.
+        draws = tf.random.stateless_uniform((len(_UNIFORMS) + 10, b), seed, alg=ALG)
+        column = dict(zip(_UNIFORMS, tf.unstack(draws[:len(_UNIFORMS)])))
+        radius = tf.sqrt(-2.0 * tf.math.log(1.0 - draws[len(_UNIFORMS)::2]))  # (5, B); 1 - u is in (0, 1]
+        turn = 2.0 * math.pi * draws[len(_UNIFORMS) + 1::2]
+        normals = tf.concat([radius * tf.cos(turn), radius * tf.sin(turn)], axis=0)[:9]  # (9, B)
+        color_noise = tf.reshape(tf.transpose(normals), (b, 3, 3))
 
-        def uniform(key, lo=0.0, hi=1.0, shape=(b,)):
-            return tf.random.stateless_uniform(shape, key, minval=lo, maxval=hi, alg=ALG)
+        def uniform(name, lo=0.0, hi=1.0):
+            return lo + (hi - lo) * column[name]
 
         if pyramid is None:
             num_sources, sizes = 1, tf.constant([[1e4, 1e4]], tf.float32)
         else:
             num_sources, sizes = pyramid.num_sources, pyramid.sizes
-        source = tf.random.stateless_uniform((b,), k_src, 0, num_sources, dtype=tf.int32, alg=ALG)
+        source = tf.minimum(tf.cast(column["source"] * num_sources, tf.int32), num_sources - 1)
         hw = tf.gather(sizes, source)
         height, width = hw[:, 0], hw[:, 1]
         ratio = width / height  # R
@@ -164,29 +177,28 @@ class PatchSampler:
         # Largest area with some aspect in [γ, 1/γ] that fits: a <= R/γ and a <= 1/(γR).
         area_hi = tf.minimum(tf.minimum(cfg.max_area, ratio / gamma), 1.0 / (gamma * ratio))
         area_lo = tf.minimum(tf.maximum(cfg.min_area, 1.0 / (height * width)), area_hi)
-        area = area_lo + (area_hi - area_lo) * uniform(k_area)
+        area = area_lo + (area_hi - area_lo) * uniform("area")
         # Aspects r keeping the crop inside: a*R <= r <= R/a, intersected with [γ, 1/γ]; log-uniform.
         log_lo = tf.math.log(tf.maximum(gamma, area * ratio))
         log_hi = tf.math.log(tf.maximum(tf.minimum(1.0 / gamma, ratio / area), tf.maximum(gamma, area * ratio)))
-        aspect = tf.exp(log_lo + (log_hi - log_lo) * uniform(k_aspect))
+        aspect = tf.exp(log_lo + (log_hi - log_lo) * uniform("aspect"))
         crop_w = tf.minimum(tf.sqrt(area * aspect / ratio), 1.0)  # fractions of the source width / height
         crop_h = tf.minimum(tf.sqrt(area * ratio / aspect), 1.0)
-        center = tf.stack([crop_w / 2 + (1 - crop_w) * uniform(k_cx), crop_h / 2 + (1 - crop_h) * uniform(k_cy)], -1)
+        center = tf.stack([crop_w / 2 + (1 - crop_w) * uniform("cx"), crop_h / 2 + (1 - crop_h) * uniform("cy")], -1)
         max_angle = math.radians(cfg.max_rotation)
-        color_noise = tf.random.stateless_normal((b, 3, 3), k_color, alg=ALG)
         return {
             "source": source,
             "center": center,
             "area": area,
             "aspect": aspect,
-            "angle": uniform(k_angle, -max_angle, max_angle),
-            "flip": uniform(k_flip) < cfg.flip_prob,
+            "angle": uniform("angle", -max_angle, max_angle),
+            "flip": uniform("flip") < cfg.flip_prob,
             "color_matrix": tf.eye(3, batch_shape=[b]) + cfg.color * color_noise,
-            "brightness": uniform(k_bright, -cfg.brightness, cfg.brightness),
-            "contrast": uniform(k_contrast, 1.0 - cfg.contrast, 1.0 + cfg.contrast),
-            "blur_sigma": uniform(k_blur, 0.0, cfg.blur_sigma),
-            "noise_std": uniform(k_noise, 0.0, cfg.noise_std),
-            "noise_seed": k_noise_seed,
+            "brightness": uniform("bright", -cfg.brightness, cfg.brightness),
+            "contrast": uniform("contrast", 1.0 - cfg.contrast, 1.0 + cfg.contrast),
+            "blur_sigma": uniform("blur", 0.0, cfg.blur_sigma),
+            "noise_std": uniform("noise", 0.0, cfg.noise_std),
+            "noise_seed": tf.stack([tf.bitwise.bitwise_xor(seed[0], _NOISE_KEY), seed[1]]),  # another Philox key
         }
 
     def transform(self, pyramid: pyramid_lib.Pyramid, params: dict[str, tf.Tensor], image_size: int) -> tf.Tensor:
@@ -232,21 +244,26 @@ class PatchSampler:
         return pyramid_lib.sample_packed(pyramid, params["source"], u, v, lod)
 
     def finish(self, packed: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Colour: unpack, blur, colour matrix, contrast about the patch mean, brightness, noise; clip to [0, 1]."""
+        """Colour: colour matrix, contrast about the patch mean, brightness (blur, noise); clipped to [0, 1].
+
+        ``y = c M x + (1 - c) m + b`` per pixel, with ``m`` the grey mean of ``M x`` over the patch, estimated
+        on a grid of about 16 x 16 of its pixels (exact for patches up to 31 pixels).
+        """
         cfg = self.augment
-        rgb = pyramid_lib.unpack(packed)
-        if cfg.blur_sigma > 0:
-            rgb = _gaussian_blur(rgb, params["blur_sigma"], radius=max(1, math.ceil(2 * cfg.blur_sigma)))
-        # y = M x, contrast c about the grey mean m of y, brightness b:  y' = c M x + (1 - c) m + b.
-        matrix = params["color_matrix"]
-        contrast = params["contrast"]
-        mean_rgb = tf.reduce_mean(rgb, axis=[1, 2])  # (B, 3)
+        size = packed.shape[1]
+        stride = max(1, size // 16)
+        mean_rgb = tf.reduce_mean(pyramid_lib.unpack(packed[:, ::stride, ::stride]), axis=[1, 2])  # (B, 3)
+        matrix, contrast = params["color_matrix"], params["contrast"]
         grey = tf.reduce_mean(tf.einsum("bcd,bd->bc", matrix, mean_rgb), axis=-1)
-        bias = (1.0 - contrast) * grey + params["brightness"]
-        scaled = matrix * contrast[:, None, None]
-        chans = [rgb[..., d] for d in range(3)]
-        out = tf.stack([sum(chans[d] * scaled[:, c, d, None, None] for d in range(3)) + bias[:, None, None]
-                        for c in range(3)], axis=-1)
+        bias = ((1.0 - contrast) * grey + params["brightness"])[:, None, None, None]
+        scaled = (matrix * contrast[:, None, None])[:, None, None]  # (B, 1, 1, 3, 3)
+        if cfg.blur_sigma > 0:
+            rgb = _gaussian_blur(pyramid_lib.unpack(packed), params["blur_sigma"],
+                                 radius=max(1, math.ceil(2 * cfg.blur_sigma)))
+            channels = [rgb[..., d, None] for d in range(3)]
+        else:  # broadcasting from the packed pixel: no per-element channel select, no RGB intermediate
+            channels = pyramid_lib.unpack_channels(packed[..., None])
+        out = bias + sum(scaled[..., d] * channels[d] for d in range(3))
         if cfg.noise_std > 0:
             noise = tf.random.stateless_normal(tf.shape(out), params["noise_seed"], alg=ALG)
             out = out + noise * params["noise_std"][:, None, None, None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import zlib
 from typing import Sequence, Union
@@ -229,6 +230,15 @@ def _load_path(path: str | os.PathLike, max_pixels: int, min_size: int) -> np.nd
         raise InputError(f"{what}: no such file")
     if os.path.isdir(fs_path):
         raise InputError(f"{what}: is a directory, not an image file")
+    try:
+        info = os.stat(fs_path)
+    except OSError as err:
+        raise InputError(f"{what}: cannot read the file ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero would never end
+        raise InputError(f"{what}: not a regular file (a device, FIFO or socket)")
+    if info.st_size > 8 * max_pixels + (1 << 20):  # 8 bytes/pixel: uncompressed 16-bit RGBA, plus headers
+        raise InputError(f"{what}: the file has {info.st_size:,} bytes, too many for max_pixels={max_pixels:,}; "
+                         "pass a larger max_pixels (CLI: --max_pixels) if you trust it")
     try:
         with open(fs_path, "rb") as f:
             data = f.read()

@@ -348,8 +348,16 @@ def _from_tree(root: pathlib.Path, val_fraction: float, seed: int, max_per_class
     )
 
 
+#: Leading bytes of the formats ``tf.io.decode_image`` reads; another file fails with its path in the message.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+BAD_IMAGE_MESSAGE = "not a JPEG, PNG, GIF, BMP or WebP image:"
+
+
 def _decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.float32, expand_animations=False)
+    data = tf.io.read_file(path)
+    known = tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _IMAGE_MAGIC]))
+    with tf.control_dependencies([tf.debugging.Assert(known, [BAD_IMAGE_MESSAGE, path])]):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.float32, expand_animations=False)
     return image, label
 
 

@@ -7,14 +7,18 @@ them (trilinear filtering, as in texture mapping).
 
 Layout, built for XLA on CPU (where gathers dominate and fused per-channel code recomputes addresses):
 
-* every level of every source is flattened into ONE ``int32`` buffer of texels packed ``R | G << 8 | B << 16``,
+* every level of every source is flattened into ONE ``int32`` buffer of texels packed ``R | G << 8 | B << 16``
   with a small ``(source, level) -> (offset, width, height)`` table, so any level of any source is addressed
-  arithmetically (no per-level branches) and read with scalar gathers;
+  arithmetically (no per-level branches) and read with scalar gathers (4 bytes per texel: Image A's pyramid
+  takes 26 MB; storing pre-widened int64 texels measured no faster);
 * level ``l`` covers the source with texels ``2**l`` source pixels wide (odd sides are edge-replicated before
   halving), so one continuous source coordinate maps to every level by a scale;
 * the 8 texels of a trilinear read are widened to "SWAR" ``int64`` words (R, G, B in 21-bit fields) and
   accumulated with integer weights (1/32 sub-texel, 1/8 level steps, summing to 8192), so all three channels
-  cost one multiply-add per texel and a pixel is ONE ``int64`` element; :func:`unpack` splits it into RGB.
+  cost one integer multiply-add per texel and a pixel is ONE ``int64`` element (fields cannot overflow:
+  255 * 8192 < 2**21); :func:`unpack` splits it into RGB.
+  Positions are converted to fixed point (1/32 texel) once, so the texel index and its weight are a
+  shift and a mask.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ FIELD_BITS = 21  # SWAR field per channel: 255 * 8192 < 2**21
 SUBTEXEL = 32  # bilinear weight steps per texel along each axis
 LEVEL_STEPS = 8  # blend steps between two pyramid levels
 WEIGHT_SUM = SUBTEXEL * SUBTEXEL * LEVEL_STEPS  # 8192
+_LOG2_SUBTEXEL = 5
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,12 +115,6 @@ def build_pyramid(images: Sequence[np.ndarray] | np.ndarray) -> Pyramid:
     )
 
 
-def _widen(texel: tf.Tensor) -> tf.Tensor:
-    """int32 ``R | G << 8 | B << 16`` -> int64 with R, G, B in 21-bit fields."""
-    t = tf.cast(texel, tf.int64)
-    return (t & 0xFF) | _shift(t & 0xFF00, 13) | _shift(t & 0xFF0000, 26)
-
-
 def _shift(t: tf.Tensor, bits: int) -> tf.Tensor:
     """``t << bits`` (``bits < 0``: right shift) for int64 tensors."""
     if bits >= 0:
@@ -145,31 +144,49 @@ def sample_packed(pyramid: Pyramid, source: tf.Tensor, u: tf.Tensor, v: tf.Tenso
     acc = None
     for level, level_weight in ((base, LEVEL_STEPS - w1), (tf.minimum(base + 1.0, last), w1)):
         table = tf.gather_nd(pyramid.levels, tf.stack([source, tf.cast(level, tf.int32)], axis=-1))
-        offset, width, height = table[:, 0, None, None], table[:, 1, None, None], table[:, 2, None, None]
-        scale = tf.pow(2.0, -level)
-        # Texel centres sit at integers + 0.5 in level pixels; clamp to the edge texel centres.
-        x = tf.clip_by_value(u * (hw[:, 1] * scale)[:, None, None] - 0.5, 0.0, tf.cast(width - 1, tf.float32))
-        y = tf.clip_by_value(v * (hw[:, 0] * scale)[:, None, None] - 0.5, 0.0, tf.cast(height - 1, tf.float32))
-        x0, y0 = tf.floor(x), tf.floor(y)
-        wx1 = tf.cast(tf.round((x - x0) * SUBTEXEL), tf.int64)
-        wy1 = tf.cast(tf.round((y - y0) * SUBTEXEL), tf.int64)
-        i00 = offset + tf.cast(y0, tf.int32) * width + tf.cast(x0, tf.int32)
+        offset, width = table[:, 0, None, None], table[:, 1, None, None]
+        scale = tf.pow(2.0, -level) * SUBTEXEL
+
+        def fixed(t, extent, size):
+            # Texel centres sit at integer + 0.5 level pixels; clamp to the edge centres, then to 1/32 texel.
+            pos = t * (extent * scale)[:, None, None] - 0.5 * SUBTEXEL
+            last_centre = tf.cast((size - 1) * SUBTEXEL, tf.float32)
+            return tf.cast(tf.clip_by_value(pos, 0.0, last_centre) + 0.5, tf.int32)
+
+        xf = fixed(u, hw[:, 1], table[:, 1, None, None])
+        yf = fixed(v, hw[:, 0], table[:, 2, None, None])
+        wx1 = tf.cast(xf & (SUBTEXEL - 1), tf.int64)
+        wy1 = tf.cast(yf & (SUBTEXEL - 1), tf.int64)
+        i00 = offset + tf.bitwise.right_shift(yf, _LOG2_SUBTEXEL) * width + tf.bitwise.right_shift(xf, _LOG2_SUBTEXEL)
         i01 = i00 + width
         # On the last column/row the +1 neighbour is another row/level (or clamped past the end) but its
-        # weight is exactly 0 there, since x (y) was clamped to the last texel centre.
-        top = (SUBTEXEL - wx1) * _widen(tf.gather(pyramid.texels, i00)) + wx1 * _widen(tf.gather(pyramid.texels, i00 + 1))
-        bot = (SUBTEXEL - wx1) * _widen(tf.gather(pyramid.texels, i01)) + wx1 * _widen(tf.gather(pyramid.texels, i01 + 1))
+        # weight is exactly 0 there, since the position was clamped to the last texel centre.
+        def fetch(index):
+            return _widen(tf.gather(pyramid.texels, index))
+
+        top = (SUBTEXEL - wx1) * fetch(i00) + wx1 * fetch(i00 + 1)
+        bot = (SUBTEXEL - wx1) * fetch(i01) + wx1 * fetch(i01 + 1)
         term = level_weight[:, None, None] * ((SUBTEXEL - wy1) * top + wy1 * bot)
         acc = term if acc is None else acc + term
     return acc
 
 
-def unpack(packed: tf.Tensor) -> tf.Tensor:
-    """``int64 (...)`` from :func:`sample_packed` -> ``float32 (..., 3)`` RGB in ``[0, 1]``."""
+def _widen(texel: tf.Tensor) -> tf.Tensor:
+    """int32 ``R | G << 8 | B << 16`` -> int64 ``R | G << 21 | B << 42``."""
+    t = tf.cast(texel, tf.int64)
+    return (t & 0xFF) | _shift(t & 0xFF00, FIELD_BITS - 8) | _shift(t & 0xFF0000, 2 * FIELD_BITS - 16)
+
+
+def unpack_channels(packed: tf.Tensor) -> list[tf.Tensor]:
+    """``int64`` from :func:`sample_packed` -> ``[R, G, B]`` float32 tensors of the same shape, in ``[0, 1]``."""
     mask = (1 << FIELD_BITS) - 1
     scale = 1.0 / (255.0 * WEIGHT_SUM)
-    return tf.stack([tf.cast(_shift(packed, -FIELD_BITS * c) & mask, tf.float32) * scale
-                     for c in range(3)], axis=-1)
+    return [tf.cast(_shift(packed, -FIELD_BITS * c) & mask, tf.float32) * scale for c in range(3)]
+
+
+def unpack(packed: tf.Tensor) -> tf.Tensor:
+    """``int64 (...)`` from :func:`sample_packed` -> ``float32 (..., 3)`` RGB in ``[0, 1]``."""
+    return tf.stack(unpack_channels(packed), axis=-1)
 
 
 def sample(pyramid: Pyramid, source: tf.Tensor, u: tf.Tensor, v: tf.Tensor, lod: tf.Tensor) -> tf.Tensor:
