@@ -20,7 +20,7 @@ setup(
         "keras>=3.3,<4",
         "tensorflow-datasets>=4.9",
         "importlib_resources",  # tensorflow-datasets 4.9.x imports it without declaring it
-        "keras-tuner>=1.4",
+        "keras-tuner[bayesian]>=1.4",  # the default Bayesian search needs scipy and scikit-learn
         "tensorboard>=2.16",  # keras-tuner needs it importable on the TF backend
         "absl-py>=1.0",
         "matplotlib>=3.7",
