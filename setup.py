@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "httpx>=0.27"],
-        "bench": ["torch==2.13.0"],
+        "bench": ["torch==2.13.0", "faiss-cpu"],  # peers measured by experiments/bench_*.py only
     },
     entry_points={"console_scripts": ["keras-oneimage=keras_oneimage.cli:run"]},
     classifiers=[

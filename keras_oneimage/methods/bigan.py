@@ -112,7 +112,10 @@ def build_discriminator(latent_dim: int, image_size: int, width: int = 64, dropo
     z_in = keras.Input((latent_dim,), name="z")
     h = keras.layers.Rescaling(2.0, offset=-1.0, name="to_signed")(x_in)  # [0, 1] → [-1, 1]
     for i in range(stages):
-        h = sn(keras.layers.Conv2D(width * 2**i, 4, strides=2, padding="same", name=f"conv{i + 1}"))(h)
+        # No conv bias: TF's grappler fuses Conv2D+BiasAdd+LeakyRelu and then fails on the gradient graph
+        # ("remapper failed" on every run); without BiasAdd there is nothing to fuse.
+        conv = keras.layers.Conv2D(width * 2**i, 4, strides=2, padding="same", use_bias=False, name=f"conv{i + 1}")
+        h = sn(conv)(h)
         h = keras.layers.LeakyReLU(LEAKY_SLOPE, name=f"conv{i + 1}_lrelu")(h)
     h = keras.layers.Flatten(name="x_flat")(h)
     g = sn(keras.layers.Dense(512, name="z_fc"))(z_in)
@@ -208,8 +211,7 @@ class BiGAN(SelfSupervisedMethod):
         if not self.backbone.built:
             self.backbone.build(input_shape)
         self.encoder_head.build((None, *self.backbone.feature_shapes(input_shape[1])["output"]))
-        # A zero-batch pass creates the spectral-norm vectors (built on first call).
-        self.discriminator([tf.zeros((1, self.image_size, self.image_size, 3)), tf.zeros((1, self.latent_dim))])
+        # generator and discriminator were built when constructed (fixed input shapes)
         self.built = True
         self._build_optimizers()
 
@@ -241,6 +243,17 @@ class BiGAN(SelfSupervisedMethod):
         super().compile(optimizer=eg_opt, **kwargs)
         self.d_optimizer = d_opt
         self._build_optimizers()
+
+    def get_compile_config(self) -> dict | None:
+        if getattr(self, "d_optimizer", None) is None or getattr(self, "optimizer", None) is None:
+            return None
+        return {
+            "d": keras.saving.serialize_keras_object(self.d_optimizer),
+            "eg": keras.saving.serialize_keras_object(self.optimizer),
+        }
+
+    def compile_from_config(self, config: dict) -> None:
+        self.compile({name: keras.saving.deserialize_keras_object(config[name]) for name in ("d", "eg")})
 
     @property
     def eg_optimizer(self) -> keras.optimizers.Optimizer:

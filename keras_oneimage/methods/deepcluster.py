@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -50,6 +51,16 @@ DEFAULT_PCA_DIM = 256
 DEFAULT_KMEANS_ITERATIONS = 20
 #: The head is re-initialised as in DeepCluster's code: weights N(0, 0.01²), bias 0.
 HEAD_INIT_STDDEV = 0.01
+
+
+def pseudo_label_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean softmax cross-entropy of the cluster logits against the pseudo-labels (Caron et al. 2018, Eq. 1).
+
+    A plain mean over this replica's batch: a ``keras.losses.Loss`` object would already divide by the replica
+    count under ``tf.distribute``, and ``scaled_loss`` divides once more.
+    """
+    per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return tf.reduce_mean(tf.cast(per_example, tf.float32))
 
 
 def balanced_order(labels: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -149,7 +160,6 @@ class DeepCluster(SelfSupervisedMethod):
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._state: _PoolState | None = None  # device variables, created by make_dataset
         self._extract_fn = None
 
@@ -198,7 +208,7 @@ class DeepCluster(SelfSupervisedMethod):
         pool = np.concatenate(chunks)[: self.pool_size]
         strategy = self.distribute_strategy or tf.distribute.get_strategy()
         with strategy.scope():
-            self._state = _PoolState(pool, self.num_clusters)
+            self._state = _PoolState(pool)
         self._extract_fn = None
         epoch_length = int(context.steps_per_epoch) * int(context.batch_size)
         positions = tf.data.Dataset.range(epoch_length).map(lambda i: tf.cast(i, tf.int32))
@@ -220,7 +230,7 @@ class DeepCluster(SelfSupervisedMethod):
         index = tf.gather(state.order, positions % self.pool_size)
         patches = tf.cast(tf.gather(state.pool, index), tf.float32) / 255.0
         # Random horizontal flip, the training-time augmentation DeepCluster keeps (the pool is fixed).
-        seed = tf.stack([tf.reduce_sum(positions), tf.cast(self.optimizer.iterations, tf.int32)])
+        seed = tf.stack([positions[0], tf.cast(self.optimizer.iterations, tf.int32)])
         flip = tf.random.stateless_uniform(tf.shape(index), seed=seed, alg="philox") < 0.5
         patches = tf.where(flip[:, None, None, None], tf.reverse(patches, axis=[2]), patches)
         return patches, tf.gather(state.labels, index)
@@ -229,7 +239,7 @@ class DeepCluster(SelfSupervisedMethod):
         patches, labels = self._gather(unpack_patches(data))
         with tf.GradientTape() as tape:
             logits = self(patches, training=True)
-            loss = self.loss_fn(labels, logits)
+            loss = pseudo_label_loss(labels, logits)
             scaled = self.scaled_loss(loss)
         self.minimize(scaled, tape)
         self.loss_tracker.update_state(loss)
@@ -270,12 +280,20 @@ class DeepCluster(SelfSupervisedMethod):
         )
         labels = result.labels
         nmi = kmeans_lib.normalized_mutual_info(state.host_labels, labels)
+        nonempty = len(np.unique(labels))
+        if nonempty < self.num_clusters // 2:
+            warnings.warn(
+                f"DeepCluster: only {nonempty} of {self.num_clusters} clusters are non-empty; the features are "
+                "collapsing (the trivial solution of Caron et al. §3.3): try a lower learning rate",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         rng = np.random.default_rng([seed, 0x5EED])
         state.install(labels, balanced_order(labels, self.pool_size, rng), nmi)
         self.reset_head(seed)
         return {
             "nmi": nmi,
-            "clusters": float(len(np.unique(labels))),
+            "clusters": float(nonempty),
             "inertia": result.inertia,
             "seconds": time.perf_counter() - start,
         }
@@ -311,7 +329,7 @@ class _PoolState:
     re-drawn (deterministically, from the seed) and re-clustered when a run resumes.
     """
 
-    def __init__(self, pool: np.ndarray, num_clusters: int):
+    def __init__(self, pool: np.ndarray):
         n = pool.shape[0]
         self.pool = tf.Variable(pool, trainable=False, name="deepcluster_pool")
         self.labels = tf.Variable(np.zeros(n, np.int32), trainable=False, name="deepcluster_labels")

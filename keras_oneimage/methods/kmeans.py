@@ -44,21 +44,51 @@ class PCAWhitening:
         return tf.matmul(tf.convert_to_tensor(x, tf.float32) - self.mean, self.projection)
 
 
-def fit_pca_whitening(x, dim: int = 256, eps: float = 1e-5) -> PCAWhitening:
+def fit_pca_whitening(x, dim: int = 256, eps: float = 1e-7, *, method: str = "auto", power_iterations: int = 3,
+                      seed: int = 0) -> PCAWhitening:
     """PCA on ``x`` (n, d) keeping ``min(dim, d)`` components, each scaled to unit variance.
 
     ``dim=256`` as DeepCluster (Caron et al. 2018, §4 "Implementation details"; faiss ``PCAMatrix(d, 256,
-    eigen_power=-0.5)``). ``eps`` (relative to the largest eigenvalue) keeps dead, zero-variance directions finite.
+    eigen_power=-0.5)``). ``eps`` (relative to the largest eigenvalue, about float32's resolution) keeps dead,
+    zero-variance directions finite without flattening real low-variance ones.
+
+    ``method``: ``"exact"`` (``eigh`` of the d×d covariance), ``"randomized"`` (subspace iteration with
+    ``power_iterations`` rounds on ``dim`` + oversampling directions, then Rayleigh–Ritz; Halko, Martinsson &
+    Tropp 2011, Alg. 4.4 / 5.3), or ``"auto"``: randomized when ``d > 1024`` and ``dim <= d / 4``. A full ``eigh``
+    is O(d³): for a 4096-d conv5 map it took ~2 minutes on a 2-core CPU, the randomized one seconds. Either way
+    the whitened output has identity covariance on ``x`` (Rayleigh–Ritz keeps the projected covariance diagonal).
     """
     x = tf.convert_to_tensor(x, tf.float32)
+    d = int(x.shape[-1])
+    keep = min(int(dim), d)
+    if method == "auto":
+        method = "randomized" if d > 1024 and keep <= d // 4 else "exact"
     mean, cov = _mean_cov(x)
-    eigenvalues, eigenvectors = tf.linalg.eigh(cov)  # ascending
-    keep = min(int(dim), int(x.shape[-1]))
+    if method == "exact":
+        eigenvalues, eigenvectors = tf.linalg.eigh(cov)  # ascending
+    elif method == "randomized":
+        rank = min(d, keep + max(16, keep // 4))
+        key = tf.constant([seed % 2**31, 0x7CA], tf.int32)
+        eigenvalues, eigenvectors = _randomized_eigh(cov, key, rank, int(power_iterations))
+    else:
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
     eigenvalues = tf.reverse(eigenvalues[-keep:], axis=[0])
     eigenvectors = tf.reverse(eigenvectors[:, -keep:], axis=[1])
     floor = eps * tf.maximum(eigenvalues[0], 1e-30)
     scale = tf.math.rsqrt(tf.maximum(eigenvalues, 0.0) + floor)
     return PCAWhitening(mean=mean, projection=eigenvectors * scale[None, :], eigenvalues=eigenvalues)
+
+
+@tf.function(jit_compile=True)
+def _randomized_eigh(cov: tf.Tensor, key: tf.Tensor, rank: int, iterations: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Approximate top-``rank`` eigenpairs of a PSD matrix, ascending like ``tf.linalg.eigh``."""
+    probe = tf.random.stateless_normal((tf.shape(cov)[0], rank), seed=key, alg="philox")
+    basis, _ = tf.linalg.qr(tf.matmul(cov, probe))
+    for _ in range(iterations):
+        basis, _ = tf.linalg.qr(tf.matmul(cov, basis))
+    small = tf.matmul(basis, tf.matmul(cov, basis), transpose_a=True)
+    eigenvalues, vectors = tf.linalg.eigh((small + tf.transpose(small)) / 2.0)
+    return eigenvalues, tf.matmul(basis, vectors)
 
 
 @tf.function(jit_compile=True)

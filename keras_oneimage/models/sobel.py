@@ -1,4 +1,4 @@
-"""A fixed Sobel front end: RGB → grayscale → (∂x, ∂y) gradients.
+"""A fixed Sobel front end: RGB → grayscale → (−∂x, −∂y) gradients (DeepCluster's filters, applied by correlation).
 
 DeepCluster (Caron et al., ECCV 2018, §5 "Sobel filtering") feeds AlexNet the Sobel gradients of a grayscale image
 instead of colour so that clustering cannot latch onto colour; the single-image paper keeps that choice for its
@@ -29,7 +29,7 @@ def _sobel_initializer(shape, dtype=None):
 
 @keras.saving.register_keras_serializable(package="keras_oneimage")
 class Sobel(keras.layers.Layer):
-    """Maps ``(B, H, W, 3)`` RGB to ``(B, H, W, 2)`` Sobel gradients (x, y) of its grayscale; not trainable."""
+    """Maps ``(B, H, W, 3)`` RGB to ``(B, H, W, 2)`` Sobel responses (−∂x, −∂y) of its grayscale; not trainable."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainable", False)

@@ -1,0 +1,128 @@
+"""BiGAN: the losses, the networks' shapes, the two optimizers, and a short run on Image A."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from keras_oneimage.errors import InputError
+from keras_oneimage.methods import registry
+from keras_oneimage.methods.base import FitContext
+from keras_oneimage.methods.bigan import BiGAN, bigan_losses, build_discriminator, build_generator
+from keras_oneimage.models import AlexNet
+
+TINY = (8, 16, 16, 16, 8)
+
+
+def _tiny_bigan(**options):
+    return BiGAN(AlexNet("cifar", 32, widths=TINY), latent_dim=8, generator_width=8, discriminator_width=8,
+                 seed=0, **options)
+
+
+def test_losses_reward_the_right_player():
+    confident = tf.fill((4, 1), 10.0)
+    d_wins_d, d_wins_eg = bigan_losses(confident, -confident)  # D tells real from fake
+    fooled_d, fooled_eg = bigan_losses(-confident, confident)  # D has it backwards
+    assert float(d_wins_d) < 1e-3 and float(d_wins_eg) > 19.0
+    assert float(fooled_d) > 19.0 and float(fooled_eg) < 1e-3
+    even_d, even_eg = bigan_losses(tf.zeros((4, 1)), tf.zeros((4, 1)))
+    assert float(even_d) == pytest.approx(2 * np.log(2)) and float(even_eg) == pytest.approx(2 * np.log(2))
+
+
+def test_eg_loss_is_non_saturating():
+    # When D confidently rejects fakes (early training), E/G still get a full-size gradient on the fake logit:
+    # d eg_loss / d fake_logit = sigmoid(l) - 1 ≈ -1/B, where the saturating log(1 - D) loss would give ≈ 0.
+    fake = tf.Variable(tf.fill((4, 1), -10.0))
+    with tf.GradientTape() as tape:
+        _, eg_loss = bigan_losses(tf.zeros((4, 1)), fake)
+    grad = tape.gradient(eg_loss, fake).numpy()
+    np.testing.assert_allclose(grad, -0.25, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [32, 48, 64])
+def test_generator_and_discriminator_shapes(size):
+    g = build_generator(16, size, width=8)
+    x = g(tf.random.stateless_uniform((2, 16), seed=(0, 1), minval=-1, maxval=1), training=False)
+    assert x.shape == (2, size, size, 3) and x.dtype == tf.float32
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
+    d = build_discriminator(16, size, width=8)
+    assert d([x, tf.zeros((2, 16))]).shape == (2, 1)
+    sn = [layer for layer in d.layers if isinstance(layer, keras.layers.SpectralNormalization)]
+    assert len(sn) >= 4  # every conv and dense of D
+    assert not any(isinstance(layer, keras.layers.SpectralNormalization)
+                   for layer in build_discriminator(16, size, width=8, spectral_norm=False).layers)
+
+
+def test_registry_compile_and_per_player_optimizers():
+    assert registry.get("bigan") is BiGAN
+    model = _tiny_bigan(d_learning_rate=4e-4, eg_learning_rate=1e-4)
+    model.build()
+    model.compile()  # the default: one Adam per player, with the requested (here two time-scale) rates
+    assert float(model.d_optimizer.learning_rate) == pytest.approx(4e-4)
+    assert float(model.eg_optimizer.learning_rate) == pytest.approx(1e-4)
+    assert model.d_optimizer.beta_1 == 0.5 and model.eg_optimizer.beta_1 == 0.5
+    # each optimizer only holds slots for its own player's variables
+    d_vars = model.discriminator.trainable_variables
+    eg_vars = model.eg_variables()
+    assert {id(v) for v in d_vars}.isdisjoint(id(v) for v in eg_vars)
+    assert len(model.d_optimizer.variables) == 2 * len(d_vars) + 2  # m, v per variable + iterations, lr
+    assert len(model.eg_optimizer.variables) == 2 * len(eg_vars) + 2
+    single = _tiny_bigan()
+    single.compile(optimizer=keras.optimizers.SGD(0.01))
+    assert isinstance(single.d_optimizer, keras.optimizers.SGD) and single.d_optimizer is not single.optimizer
+    with pytest.raises(InputError, match="'d' and 'eg'"):
+        _tiny_bigan().compile(optimizer={"d": keras.optimizers.Adam()})
+    with pytest.raises(InputError, match="latent_dim"):
+        BiGAN(AlexNet("cifar", 32, widths=TINY), latent_dim=0)
+
+
+def test_short_run_on_image_a(image_a_path, tmp_path):
+    import matplotlib.image
+
+    from keras_oneimage.data.images import load_image
+    from keras_oneimage.data.synthetic import patch_dataset
+    from keras_oneimage.training import run_training
+
+    keras.utils.set_random_seed(0)
+    image = load_image(image_a_path)
+    model = BiGAN(AlexNet("cifar", 32, widths=(16, 32, 32, 32, 16)), latent_dim=32, generator_width=16,
+                  discriminator_width=16)
+    epochs, steps = 2, 12
+    context = FitContext(images=[image], image_size=32, batch_size=16, seed=0, augment=None,
+                         steps_per_epoch=steps, epochs=epochs, output_dir=str(tmp_path))
+    data = patch_dataset([image], image_size=32, batch_size=16, seed=0)
+    history = run_training(model, data, epochs=epochs, steps_per_epoch=steps, output_dir=tmp_path,
+                           context=context, verbose=0).history
+
+    for key in ("d_loss", "eg_loss", "d_accuracy", "d_acc_real", "d_acc_fake"):
+        assert len(history[key]) == epochs and np.all(np.isfinite(history[key])), key
+    # D quickly learns to tell real pairs from fake ones: its accuracy leaves chance (0.5)
+    assert max(history["d_accuracy"]) > 0.75, history
+    assert history["d_loss"][-1] < 2 * np.log(2), history  # below the loss of a D that guesses
+
+    # one sample grid per epoch, and it is a picture, not a constant
+    for epoch in range(1, epochs + 1):
+        png = matplotlib.image.imread(tmp_path / f"bigan_samples_epoch{epoch}.png")
+        assert png.ndim == 3 and png[..., :3].std() > 0.05
+    sampler = [cb for cb in model.method_callbacks(context)]
+    assert len(sampler) == 1 and model.method_callbacks(FitContext(**{**context.__dict__, "output_dir": None})) == []
+    z = model.sample_latent(8, tf.constant([3, 4]))
+    samples = model.generator(z, training=False).numpy()
+    assert samples.std(axis=0).mean() > 1e-3  # different z give different images
+
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert isinstance(loaded, BiGAN) and loaded.latent_dim == 32
+    # both players' optimizer states come back (resume continues the same two Adams)
+    assert int(loaded.d_optimizer.iterations) == int(loaded.eg_optimizer.iterations) == epochs * steps
+    np.testing.assert_allclose(loaded.d_optimizer.variables[2], model.d_optimizer.variables[2])
+    x = next(iter(data))[:4]
+    np.testing.assert_allclose(loaded.encode(x, training=False), model.encode(x, training=False), atol=1e-4)
+
+
+def test_divergence_stops_with_the_epoch_and_step(tmp_path):
+    from keras_oneimage.training import NonFiniteLossError, run_training
+
+    model = _tiny_bigan()
+    nan_patches = tf.data.Dataset.from_tensors(tf.fill((4, 32, 32, 3), np.nan)).repeat()
+    with pytest.raises(NonFiniteLossError, match=r"d_loss became nan at epoch 1/2, step 1/3"):
+        run_training(model, nan_patches, epochs=2, steps_per_epoch=3, output_dir=tmp_path, verbose=0)
+    assert not list(tmp_path.glob("bigan_samples_epoch*.png"))
