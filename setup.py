@@ -28,6 +28,7 @@ setup(
         "pillow>=10",
         "starlette>=0.37",
         "uvicorn>=0.29",
+        "orjson>=3.9",  # the REST server encodes feature maps with it (4x faster than json)
     ],
     extras_require={
         "test": ["pytest>=8", "httpx>=0.27"],

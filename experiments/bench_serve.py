@@ -3,11 +3,13 @@
 One run, loopback only, bounded in requests and in time:
 
 1. export a trunk (random weights, or ``--checkpoint``) as a SavedModel, or use ``--model_base_path``;
-2. in-process: load it with ``tf.saved_model.load`` and call ``serving_default`` from 1, 8 and 32 threads, one image
-   per call (the same request pattern as the clients), and once with full batches (the model's peak);
-3. server: start ``keras_oneimage.serve`` in a subprocess on a free 127.0.0.1 port and send the same images as
-   TF-Serving REST requests (``{"instances": [image]}``) from 1, 8 and 32 client threads with keep-alive
-   connections; each response is read whole (and the first one is checked against the in-process features).
+2. load it in-process with ``tf.saved_model.load`` and time ``serving_default`` on full batches (the model's peak);
+3. start ``keras_oneimage.serve`` in a subprocess on a free 127.0.0.1 port (its first answer is checked against the
+   in-process features);
+4. for 1, 8 and 32 clients, alternate ``--rounds`` short slices of (a) in-process calls of ``serving_default`` from
+   that many threads, one image per call, and (b) the same images as TF-Serving REST requests
+   (``{"instances": [image]}``) from that many keep-alive client threads, each response read whole. Alternating
+   slices keep the ratio meaningful on a shared machine whose load drifts.
 
 "features/s" counts images whose requested feature maps were returned. Prints a table and the ratio of the server's
 throughput to the in-process one; the goal is >= 0.70 at 32 clients. ``--quick`` is a seconds-long smoke test.
@@ -48,21 +50,25 @@ def parse_args(argv=None):
     p.add_argument("--layers", default="conv1,conv2", help="comma-separated taps to export")
     p.add_argument("--clients", help="comma-separated client counts (default 1,8,32; --quick: 1,4)")
     p.add_argument("--seconds", type=float, help="time bound per level (default 6; --quick: 1)")
-    p.add_argument("--requests", type=int, help="request bound per level (default 2000; --quick: 60)")
-    p.add_argument("--max_batch_size", type=int, default=32)
+    p.add_argument("--requests", type=int, help="request bound per level and side (default 2000; --quick: 60)")
+    p.add_argument("--rounds", type=int, help="alternating in-process / server slices per level (default 4; "
+                   "--quick: 2)")
+    p.add_argument("--max_batch_size", type=int, default=8,
+                   help="server-side batching limit (the server default, 8) and the in-process peak batch")
     p.add_argument("--batch_timeout_ms", type=float, default=0.0)
     p.add_argument("--num_batch_threads", type=int, default=2)
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    defaults = {"clients": "1,4", "seconds": 1.0, "requests": 60} if args.quick else {
-        "clients": "1,8,32", "seconds": 6.0, "requests": 2000}
+    defaults = {"clients": "1,4", "seconds": 1.0, "requests": 60, "rounds": 2} if args.quick else {
+        "clients": "1,8,32", "seconds": 6.0, "requests": 2000, "rounds": 4}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
     args.layer_names = tuple(s.strip() for s in args.layers.split(",") if s.strip())
-    if not args.client_counts or min(args.client_counts) < 1 or args.seconds <= 0 or args.requests < 1:
-        p.error("--clients, --seconds and --requests must be positive")
+    if not args.client_counts or min(args.client_counts) < 1 or args.seconds <= 0 or args.requests < 1 \
+            or args.rounds < 1:
+        p.error("--clients, --seconds, --requests and --rounds must be positive")
     return args
 
 
@@ -131,15 +137,39 @@ def run_level(clients: int, seconds: float, max_requests: int, make_worker) -> d
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.perf_counter() - start
+    return {"clients": clients, "latencies": latencies, "elapsed": elapsed, "errors": errors}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One level's result from its interleaved slices: features/s over their summed time, pooled latencies."""
+    latencies = [x for run in runs for x in run["latencies"]]
+    elapsed = sum(run["elapsed"] for run in runs)
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return {
-        "clients": clients,
+        "clients": runs[0]["clients"],
         "requests": len(latencies),
+        "seconds": elapsed,
+        "slices": len(runs),
         "features_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
-        "errors": errors[:3],
+        "errors": [e for run in runs for e in run["errors"]][:3],
     }
+
+
+def interleaved(clients: int, args, workers: dict) -> dict:
+    """``{name: summary}`` for each worker factory, measured in alternating slices of ``seconds / rounds``.
+
+    On a shared machine the load drifts over seconds; alternating short slices exposes every contender to the
+    same drift, so their ratio is far steadier than that of two back-to-back runs.
+    """
+    seconds = args.seconds / args.rounds
+    requests = max(1, args.requests // args.rounds)
+    runs: dict[str, list[dict]] = {name: [] for name in workers}
+    for _ in range(args.rounds):
+        for name, make_worker in workers.items():
+            runs[name].append(run_level(clients, seconds, requests, make_worker))
+    return {name: summarise(r) for name, r in runs.items()}
 
 
 class Client:
@@ -163,7 +193,8 @@ class Client:
         self.conn.close()
 
 
-def start_server(base: pathlib.Path, args) -> tuple[subprocess.Popen, int]:
+def start_server(base: pathlib.Path, args, root: pathlib.Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """``keras_oneimage.serve`` in a subprocess (importing the package from ``root``); returns (process, port)."""
     code = (
         "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
         "from keras_oneimage.serve.server import serve\n"
@@ -176,8 +207,8 @@ def start_server(base: pathlib.Path, args) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=str(root),
+        env={**os.environ, "PYTHONPATH": str(root)},
     )
     deadline = time.monotonic() + 180
     port = None
@@ -205,6 +236,28 @@ def start_server(base: pathlib.Path, args) -> tuple[subprocess.Popen, int]:
     raise SystemExit("the server did not answer")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def check_server(port: int, body: bytes, reference: dict) -> None:
+    """The server's first answer must match the in-process features."""
+    client = Client(port, "/v1/models/bench:predict", body)
+    try:
+        got = json.loads(client())["predictions"][0]
+    finally:
+        client.close()
+    if len(reference) == 1:
+        got = {next(iter(reference)): got}
+    worst = max(float(np.abs(np.asarray(got[k], dtype=np.float32) - reference[k][0]).max()) for k in reference)
+    if worst > 1e-4:
+        raise SystemExit(f"server features differ from in-process ones by {worst}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import tensorflow as tf
@@ -221,19 +274,15 @@ def main(argv=None) -> dict:
         floats = sum(v.size for v in reference.values())
         print(
             f"model {version_dir} | layers {sorted(reference)} | {args.image_size}px | {floats} floats per image "
-            f"| clients {args.client_counts} | <= {args.requests} requests, <= {args.seconds:.0f} s per level"
+            f"| clients {args.client_counts} | <= {args.requests} requests, <= {args.seconds:g} s per level and side, "
+            f"in {args.rounds} interleaved slices"
         )
 
         results: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("client_counts",)}}
         results["config"]["floats_per_image"] = int(floats)
-        # --- in-process, same request pattern (one image per call) ---
         x1 = tf.constant(image)
         signature(images=x1)  # warm up
-        in_process = [
-            run_level(c, args.seconds, args.requests, lambda: (lambda: signature(images=x1)))
-            for c in args.client_counts
-        ]
-        # --- in-process peak: full batches ---
+        # --- in-process peak: full batches (the model alone, for reference) ---
         xb = tf.constant(np.repeat(image, args.max_batch_size, axis=0))
         signature(images=xb)
         calls = max(2, min(20, args.requests // args.max_batch_size))
@@ -243,33 +292,25 @@ def main(argv=None) -> dict:
             signature(images=xb)
             n += 1
         batched_peak = n * args.max_batch_size / (time.perf_counter() - t0)
-        del loaded, signature
 
-        # --- server ---
+        # --- server against in-process, one image per call, in alternating slices ---
         proc, port = start_server(base, args)
         try:
             body = json.dumps({"instances": image.tolist()}).encode()
             path = "/v1/models/bench:predict"
-            check = Client(port, path, body)
-            first = json.loads(check())
-            check.close()
-            got = first["predictions"][0]
-            if len(reference) == 1:
-                got = {next(iter(reference)): got}
-            worst = max(float(np.abs(np.asarray(got[k]) - reference[k][0]).max()) for k in reference)
-            if worst > 1e-4:
-                raise SystemExit(f"server features differ from in-process ones by {worst}")
+            check_server(port, body, reference)
             Client(port, path, body)()  # warm up
-            server = [
-                run_level(c, args.seconds, args.requests, lambda: Client(port, path, body)) for c in args.client_counts
-            ]
+            workers = {
+                "in_process": lambda: (lambda: signature(images=x1)),
+                "server": lambda: Client(port, path, body),
+            }
+            levels = [interleaved(c, args, workers) for c in args.client_counts]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
+        del loaded, signature
 
+    in_process = [level["in_process"] for level in levels]
+    server = [level["server"] for level in levels]
     results.update(in_process=in_process, server=server, batched_peak_features_per_s=batched_peak)
     header = f"{'clients':>7} | {'in-process f/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'server f/s':>10} " \
              f"{'p50 ms':>8} {'p99 ms':>8} | {'ratio':>5} | {'vs peak':>7}"

@@ -14,6 +14,7 @@ CHECKPOINT_NAME = "model.keras"
 def import_registered_classes() -> None:
     """Import the package's Keras classes so that ``keras.saving.load_model`` can rebuild them."""
     importlib.import_module("keras_oneimage.models.alexnet")
+    importlib.import_module("keras_oneimage.transfer")  # AlexNetClassifier (fine-tuned / supervised trunks)
     from keras_oneimage.methods import registry
 
     for name in registry.available():
@@ -38,6 +39,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, pathlib.Path]:
     import keras
 
     path = resolve_checkpoint(path)
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # Keras would report a corrupt archive as "File not found"
+        raise InputError(
+            f"cannot load checkpoint {str(path)!r}: not a Keras .keras archive (a zip file); corrupt, truncated or "
+            "not a checkpoint"
+        )
     import_registered_classes()
     try:
         return keras.saving.load_model(path, compile=False), path

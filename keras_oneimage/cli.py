@@ -109,6 +109,12 @@ def _probe(fv: flags.FlagValues) -> int:
 
     if not fv.checkpoint:
         raise UsageError("--checkpoint is required")
+    if not _split_list(fv.layers):
+        raise UsageError("--layers must name at least one tap, e.g. --layers=conv1,conv2")
+    if fv.output:  # checked before the probes run, not after
+        parent = os.path.dirname(os.path.abspath(fv.output))
+        if os.path.isdir(fv.output) or not os.path.isdir(parent):
+            raise UsageError(f"--output={fv.output!r}: expected a file path in an existing directory")
     options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split}
     if fv.learning_rate is not None:
         options["learning_rate"] = fv.learning_rate
@@ -157,7 +163,7 @@ def _serve_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model_name", None, "Name in the URL (default: the base path's last part).", flag_values=fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind.", flag_values=fv)
     flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST default is 8501).", lower_bound=0, flag_values=fv)
-    flags.DEFINE_integer("max_batch_size", 32, "Server-side batching: most images per model call.", flag_values=fv)
+    flags.DEFINE_integer("max_batch_size", 8, "Server-side batching: most images per model call.", flag_values=fv)
 
 
 def _serve(fv: flags.FlagValues) -> int:

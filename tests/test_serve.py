@@ -18,7 +18,7 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.export import export
 from keras_oneimage.models.alexnet import AlexNet
 from keras_oneimage.serve import BatchScheduler, QueueFullError, make_app, start_in_thread
-from keras_oneimage.serve.server import encode_array, encode_predict_response, encode_rows
+from keras_oneimage.serve.server import encode_array, encode_predict_response, encode_rows, parse_predict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ("conv1", "conv2")
@@ -337,6 +337,39 @@ def test_float_encoding_round_trips_float32_exactly():
     np.testing.assert_array_equal(np.asarray(columnar["outputs"], np.float32), arr)
 
 
+def test_encoding_handles_non_finite_strided_and_foreign_byte_order_arrays():
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
+    with_nan = arr.copy()
+    with_nan[1, 2, 3] = np.nan
+    with_nan[0, 0, 0] = -np.inf
+    text = encode_predict_response({"clean": arr[:, ::2], "dirty": with_nan}, row_format=True)
+    assert b"NaN" in text and b"-Infinity" in text and b"null" not in text
+    rows = json.loads(text)["predictions"]
+    np.testing.assert_array_equal(np.asarray([r["clean"] for r in rows], np.float32), arr[:, ::2])
+    np.testing.assert_array_equal(np.asarray([r["dirty"] for r in rows], np.float32), with_nan)
+    swapped = arr.astype(">f4")
+    np.testing.assert_array_equal(np.asarray(json.loads(encode_array(swapped)), np.float32), arr)
+    assert json.loads(encode_array(np.array([[1, 2]], np.uint8))) == [[1, 2]]
+    encoded = json.loads(encode_array(np.array([b"x", b"\xff"], object), "image_bytes"))
+    assert encoded == [{"b64": "eA=="}, {"b64": "/w=="}]
+    assert encode_array(np.float32(0.1)) == b"0.1"  # the shortest text that reads back as this float32
+
+
+def test_request_with_nan_literals_is_parsed_like_tf_serving(served):
+    """orjson refuses NaN / Infinity literals; the server falls back to the json module, as TF Serving takes them."""
+    handle, client, model = served
+    image = np.random.default_rng(8).random((1, 32, 32, 3), dtype=np.float32)
+    image[0, 0, 0, 0], image[0, 5, 5, 1] = np.nan, np.inf
+    body = json.dumps({"instances": image.tolist()}).encode()
+    assert b"NaN" in body and b"Infinity" in body
+    parsed = parse_predict(body, handle.app.state.manager.current)
+    np.testing.assert_array_equal(parsed.inputs["images"], image)  # NaN and inf where they were sent
+    response = client.post("/v1/models/tiny:predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    conv1 = np.asarray(json.loads(response.content)["predictions"][0]["conv1"], np.float32)
+    assert conv1.shape == features(model, np.nan_to_num(image))["conv1"].shape[1:]
+
+
 # ------------------------------------------------------------------------------------------------ batching
 def test_batch_scheduler_merges_queued_requests_and_splits_results():
     calls = []
@@ -403,4 +436,9 @@ def test_bench_quick_mode_completes(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--clients", "2", "--seconds", "0.5", "--requests", "8", "--json", str(out)])
-    assert out.is_file()
+    results = json.loads(out.read_text())
+    for side in ("in_process", "server"):
+        (level,) = results[side]
+        assert level["clients"] == 2 and level["requests"] > 0 and not level["errors"]
+        assert level["slices"] == 2  # --quick alternates two slices of each side
+    assert results["server"][0]["ratio"] > 0
