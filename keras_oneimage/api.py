@@ -1,6 +1,7 @@
 """The user-facing functions. They are thin: they validate input, then wire the modules below together."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,8 +57,12 @@ def _variant_for(image_size: int, variant: str | None) -> str:
     return variant
 
 
-def _prepare_output_dir(output_dir: str | os.PathLike | None, run_info: dict[str, Any]) -> pathlib.Path | None:
-    """Create `output_dir` (after all input was validated) and record the run; refuse a dir of another run."""
+def _prepare_output_dir(output_dir: str | os.PathLike | None, run_info: dict[str, Any], *,
+                        write: bool = True) -> pathlib.Path | None:
+    """Create `output_dir` (after all input was validated) and record the run; refuse a dir of another run.
+
+    ``write=False`` (a non-chief worker of a multi-worker run) only checks: the chief writes ``run.json``.
+    """
     if output_dir is None:
         return None
     out = pathlib.Path(output_dir)
@@ -77,7 +82,8 @@ def _prepare_output_dir(output_dir: str | os.PathLike | None, run_info: dict[str
                 )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_file, run_info)
+        if write:
+            _write_json_atomic(run_file, run_info)
     except OSError as exc:
         raise InputError(f"cannot write to output_dir {str(out)!r}: {exc.strerror or exc}") from None
     return out
@@ -100,6 +106,9 @@ def fit(
     optimizer: Any = None,
     max_pixels: int | None = None,
     verbose: str | int = "auto",
+    strategy: Any = None,
+    lr_scaling: str = "none",
+    reference_batch: int = 256,
     **method_options: Any,
 ):
     """Train a self-supervised method on patches of one (or N) source image(s); return the trained method model.
@@ -120,6 +129,13 @@ def fit(
       callbacks: extra Keras callbacks (e.g. :class:`~keras_oneimage.probes.callback.ProbeCallback`).
       optimizer: a Keras optimizer; the method's default when ``None``.
       max_pixels: decompression-bomb guard for source images (declared width × height).
+      strategy: ``None`` (one device, or the ``tf.distribute`` strategy in scope), a ``tf.distribute.Strategy``,
+        or ``"mirrored"`` / ``"multiworker"`` (cluster from ``TF_CONFIG``) / ``"tpu"`` (see
+        :func:`keras_oneimage.distribute.resolve_strategy` and ``docs/distributed.md``). ``batch_size`` stays
+        the global batch; each replica gets ``batch_size / replicas`` patches of its own.
+      lr_scaling: ``"none"`` (default: the learning rate does not depend on the batch), ``"linear"`` or
+        ``"sqrt"``: multiply the optimizer's rate(s) by ``batch_size / reference_batch`` (or its square root).
+      reference_batch: the global batch the base learning rate is meant for (256, Goyal et al. 2017).
       **method_options: passed to the method class (e.g. ``num_clusters`` for DeepCluster).
 
     Returns:
@@ -132,9 +148,20 @@ def fit(
     from keras_oneimage.methods import registry
     from keras_oneimage.methods.base import FitContext
 
-    # 1. Validate everything before anything is created on disk.
+    import tensorflow as tf
+
+    from keras_oneimage import distribute as distribute_lib
+
+    # 1. Validate everything before anything is created on disk. The strategy first: a MultiWorkerMirroredStrategy
+    # must exist before TensorFlow runs anything.
+    strategy = distribute_lib.resolve_strategy(strategy)
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
     image_size = _positive_int("image_size", image_size)
     batch_size = _positive_int("batch_size", batch_size)
+    if strategy is not None:
+        distribute_lib.per_replica_batch_size(batch_size, strategy)
+    lr_factor = distribute_lib.learning_rate_factor(batch_size, lr_scaling, reference_batch)
     epochs = _positive_int("epochs", epochs)
     steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
     seed = int(seed)
@@ -173,16 +200,23 @@ def fit(
     }
     if image is None:
         run_info["image_source"] = [default_image_path()]
+    run_info["distribute"] = {
+        "strategy": type(distribute_lib.current_strategy(strategy)).__name__,
+        "replicas": distribute_lib.num_replicas(strategy),
+        "lr_scaling": lr_scaling,
+        "reference_batch": reference_batch,
+    }
 
     # 2. Build the model and the data.
-    from keras_oneimage.data.synthetic import patch_dataset
     from keras_oneimage.models.alexnet import AlexNet
-    from keras_oneimage.training import run_training
 
     keras.utils.set_random_seed(seed)
-    backbone = AlexNet(variant=variant, image_size=image_size, **getattr(method_cls, "backbone_options", {}))
-    model = method_cls(backbone=backbone, **method_options)
-    out = _prepare_output_dir(output_dir, run_info)
+    # Under a strategy everything (weights, DeepCluster's pool, optimizer slots) is created in its scope.
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        backbone = AlexNet(variant=variant, image_size=image_size, **getattr(method_cls, "backbone_options", {}))
+        model = method_cls(backbone=backbone, **method_options)
+    out = _prepare_output_dir(output_dir, run_info, write=distribute_lib.is_chief(strategy))
     context = FitContext(
         images=images,
         image_size=image_size,
@@ -191,15 +225,35 @@ def fit(
         augment=augment,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
-        output_dir=None if out is None else str(out),
+        output_dir=distribute_lib.write_dir(out, strategy),  # a non-chief worker's scratch folder
     )
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks, verbose)
+    return model
+
+
+def _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks, verbose) -> None:
+    """The dataset, compile and training of `fit`, run inside the strategy's scope (if any)."""
+    from keras_oneimage import distribute as distribute_lib
+    from keras_oneimage.data.synthetic import patch_dataset
+    from keras_oneimage.training import run_training
+
+    images, image_size, batch_size, augment, seed = (
+        context.images, context.image_size, context.batch_size, context.augment, context.seed)
+    epochs, steps_per_epoch = context.epochs, context.steps_per_epoch
     make_dataset = getattr(model, "make_dataset", None)
     if make_dataset is not None:
         dataset = make_dataset(context)
+    elif strategy is not None:  # one seeded shard per worker, per-replica batches (docs/distributed.md)
+        dataset = distribute_lib.distribute_patches(images, image_size=image_size, batch_size=batch_size,
+                                                    augment=augment, seed=seed, strategy=strategy)
     else:
         dataset = patch_dataset(images, image_size=image_size, batch_size=batch_size, augment=augment, seed=seed)
-    if optimizer is not None:
-        model.compile(optimizer=optimizer)
+    if optimizer is not None or lr_factor != 1.0:
+        optimizer = distribute_lib.optimizer_in_scope(optimizer, strategy)
+        model.compile(optimizer=optimizer if optimizer is not None else model.default_optimizer())
+        distribute_lib.scale_learning_rates(model, lr_factor)
     run_training(
         model,
         dataset,
@@ -256,9 +310,29 @@ def probe(
         if isinstance(dataset, LabelledData)
         else load_labelled(dataset, val_fraction=val_fraction, seed=seed, max_per_class=max_per_class)
     )
-    results = linear_probe(backbone, data, layers=layers, seed=seed, **probe_options)
-    if knn:
-        split = probe_options.get("split", "test")
-        knn_results = knn_probe(backbone, data, layers=layers, split=split)
-        results.update({f"knn_{layer}": acc for layer, acc in knn_results.items()})
+    import tensorflow as tf
+
+    try:
+        results = linear_probe(backbone, data, layers=layers, seed=seed, **probe_options)
+        if knn:
+            split = probe_options.get("split", "test")
+            knn_results = knn_probe(backbone, data, layers=layers, split=split)
+            results.update({f"knn_{layer}": acc for layer, acc in knn_results.items()})
+    except tf.errors.InvalidArgumentError as exc:  # a file of the labelled set that does not decode
+        raise InputError(f"cannot read the labelled dataset {data.source or dataset!r}: {_tf_error_line(exc)}") \
+            from None
     return results
+
+
+def _tf_error_line(exc: Exception) -> str:
+    """The informative line of a TensorFlow runtime error (not "Graph execution error:" or a node trace)."""
+    from keras_oneimage.data.labelled import BAD_IMAGE_MESSAGE
+
+    text = str(getattr(exc, "message", exc))
+    if BAD_IMAGE_MESSAGE in text:  # our assertion: "... not a JPEG ... image:] [path]"
+        tail = text.split(BAD_IMAGE_MESSAGE, 1)[1].strip().lstrip("]").strip().lstrip("[")
+        return f"{BAD_IMAGE_MESSAGE} {tail.split(']', 1)[0]}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Graph execution error", "Detected at node", "File ", "[["))
+              and "Traceback" not in ln]
+    return (useful or lines or [type(exc).__name__])[-1][:300]

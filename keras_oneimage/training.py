@@ -4,16 +4,25 @@ With an ``output_dir`` the run is resumable: rerunning with the same directory c
 epoch (``keras.callbacks.BackupAndRestore`` state in ``output_dir/backup``). Each completed epoch appends a row to
 ``history.csv``, replaces ``model.keras`` atomically and redraws ``conv1_filters.png``; TensorBoard logs go to
 ``output_dir/logs``. A non-finite loss stops training and raises `NonFiniteLossError`, leaving the last good
-checkpoint in place. Nothing here pins a device or a strategy: build and compile the model under a
-``tf.distribute`` strategy scope and call `run_training` there.
+checkpoint in place.
+
+Nothing here pins a device or a strategy: create the model under a ``tf.distribute`` strategy's scope and
+`run_training` trains it under that strategy (``model.distribute_strategy``; ``keras_oneimage.fit(strategy=...)``
+does this, see ``docs/distributed.md``). With several replicas, BatchNorm moving statistics are averaged over the
+replicas at every epoch end. On a multi-worker run only the chief writes into ``output_dir``; the other workers
+write the same files into ``output_dir/.workertemp_<task_id>`` (removed at the end) and every worker restores from
+the chief's ``backup/``, which must therefore be on storage all workers share.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import pathlib
+import shutil
 import tempfile
 import warnings
 from typing import Any, Sequence
@@ -22,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import distribute
 from keras_oneimage.errors import InputError, NonFiniteLossError
 
 BACKUP_DIR = "backup"
@@ -65,13 +75,21 @@ def _finite_number(value: Any) -> float | None:
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Stops training at the first batch whose logged loss (or any logged metric) is NaN/inf; records where."""
+    """Stops training at the first batch whose logged loss (or any logged metric) is NaN/inf; records where.
 
-    def __init__(self):
+    A worker that stopped alone would leave the others waiting in the next all-reduce, so under a multi-worker
+    strategy the decision must be the same on every worker: the batch logs are means over all replicas there (see
+    `_vector_logs`), hence equal everywhere, and at each epoch end the workers also agree explicitly (one
+    collective), in case a method logs a worker-local value.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy | None = None):
         super().__init__()
         self.failure: str | None = None
         self.failed_epoch: int | None = None
         self._epoch = 0
+        self._multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
+        self._strategy = strategy
 
     def on_train_begin(self, logs=None):
         self.failure = None
@@ -79,6 +97,11 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.failed_epoch = self._epoch
+        self.model.stop_training = True
 
     def _check(self, logs, where: str) -> None:
         if self.failure is not None:
@@ -88,9 +111,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
             if number is not None and not math.isfinite(number):
                 epochs = self.params.get("epochs") if self.params else None
                 of = f"/{epochs}" if epochs else ""
-                self.failure = f"{key} became {number} at epoch {self._epoch + 1}{of}, {where}"
-                self.failed_epoch = self._epoch
-                self.model.stop_training = True
+                self._fail(f"{key} became {number} at epoch {self._epoch + 1}{of}, {where}")
                 return
 
     def on_train_batch_end(self, batch, logs=None):
@@ -99,40 +120,213 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._check(logs, "epoch end")
+        # Every worker takes part in this collective at every epoch end, whatever it saw.
+        if self._multi_worker and distribute.any_worker(self.failure is not None, self._strategy) \
+                and self.failure is None:
+            self._fail(f"another worker's loss became non-finite in epoch {epoch + 1}")
+
+
+class _SyncStatistics(keras.callbacks.Callback):
+    """At every epoch end (before probes, checkpoints and backups), average the replicas' BatchNorm statistics."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.strategy = strategy
+        self._sync = None
+
+    def on_train_begin(self, logs=None):
+        self._sync = distribute.SyncReplicaStatistics(self.model, self.strategy)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._sync()
 
 
 class _GuardedBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged epoch; its restore is triggered by `_RestoreFirst`."""
+    """BackupAndRestore that never backs up a diverged epoch; its restore is triggered by `_RestoreFirst`.
 
-    def __init__(self, backup_dir: str, guard: NonFiniteGuard):
+    Restores from ``backup_dir`` and backs up into ``write_dir`` (default: the same). On a multi-worker run every
+    worker restores from the chief's ``backup_dir`` while only the chief writes there; the other workers write
+    into their scratch folder, and their restore never modifies the chief's files.
+    """
+
+    _PATH_ATTRS = ("_weights_path", "_training_metadata_path", "_prev_weights_path", "_prev_training_metadata_path")
+
+    def __init__(self, backup_dir: str, guard: NonFiniteGuard, write_dir: str | None = None):
         # delete_checkpoint=False: a finished run can be extended by rerunning with more epochs.
         super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
+        missing = [a for a in self._PATH_ATTRS if not hasattr(self, a)]
+        if missing:  # a Keras release renamed BackupAndRestore's internals: fail loudly, not silently
+            raise RuntimeError(f"keras.callbacks.BackupAndRestore has no {missing}; update _GuardedBackup")
         self.guard = guard
+        self.read_dir = str(backup_dir)
+        self.write_dir = str(write_dir or backup_dir)
+        self._use(self.write_dir)
+
+    def _use(self, directory: str) -> None:
+        reference = keras.callbacks.BackupAndRestore(directory)
+        self.backup_dir = directory
+        for attr in self._PATH_ATTRS:
+            setattr(self, attr, getattr(reference, attr))
 
     def on_train_begin(self, logs=None):  # restored earlier, by _RestoreFirst
         pass
 
+    def _load_model(self):
+        """Keras's restore, made strict: the metadata is the commit record and must match the weights' sha256.
+
+        An unreadable metadata file, missing weights, or weights that do not match the sha256 the metadata
+        records (a kill mid-backup) raise OSError, so the caller falls back to the previous state instead of
+        resuming a later epoch's weights, or fresh ones, under an earlier epoch number. Weights without any
+        metadata were never committed: that is a fresh start.
+        """
+        weights, metadata = self._weights_path, self._training_metadata_path
+        if not os.path.exists(metadata):
+            if os.path.exists(weights) and os.path.exists(self._prev_training_metadata_path):
+                raise OSError(f"{metadata} is missing")
+            return
+        try:
+            with open(metadata) as f:
+                recorded = json.loads(f.read())
+            int(recorded["epoch"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OSError(f"unreadable {metadata} ({type(exc).__name__}: {exc})") from None
+        if not os.path.exists(weights):
+            raise OSError(f"{weights} is missing")
+        expected = recorded.get("weights_sha256")
+        if expected is not None and _file_sha256(weights) != expected:
+            raise OSError(f"{weights} does not match {metadata} (an interrupted backup)")
+        try:
+            super()._load_model()
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
+            raise OSError(f"cannot load {weights} ({type(exc).__name__}: {exc})") from None
+
+    def _save_model(self):
+        """Keras's backup, made atomic: a kill at any instant leaves a loadable (weights, metadata) pair.
+
+        The new weights go to a temporary file; the current pair is copied (each file atomically) to ``*.bkp``;
+        then the weights and last the metadata, which records the weights' sha256, are renamed into place.
+        """
+        os.makedirs(self.backup_dir, exist_ok=True)
+        pending = os.path.join(self.backup_dir, ".pending.weights.h5")
+        try:
+            self.model.save_weights(pending, overwrite=True)
+        except BaseException:
+            if os.path.exists(pending):  # e.g. a full disk: leave no partial file behind
+                os.remove(pending)
+            raise
+        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights_sha256": _file_sha256(pending)}
+        if self.double_checkpoint and os.path.exists(self._training_metadata_path) \
+                and os.path.exists(self._weights_path):
+            _copy_atomic(self._weights_path, self._prev_weights_path)
+            _copy_atomic(self._training_metadata_path, self._prev_training_metadata_path)
+        os.replace(pending, self._weights_path)
+        _write_atomic(pathlib.Path(self._training_metadata_path), json.dumps(state))
+
     def restore(self, logs=None):
-        super().on_train_begin(logs)
+        if self.read_dir == self.write_dir:
+            super().on_train_begin(logs)  # may repair a corrupt latest state from the previous one
+            return
+        self._use(self.read_dir)
+        try:
+            try:
+                self._load_model()
+            except OSError:
+                if not os.path.exists(self._prev_weights_path):
+                    raise
+                # The chief's latest state is unreadable: load its previous one, read-only.
+                self._weights_path = self._prev_weights_path
+                self._training_metadata_path = self._prev_training_metadata_path
+                self._load_model()
+        finally:
+            self._use(self.write_dir)
+
+    def peek(self) -> tuple[float, float]:
+        """(1 if backed-up weights exist else 0, the recorded epoch or -1) of ``backup_dir``, without loading."""
+        reference = keras.callbacks.BackupAndRestore(self.read_dir)
+        try:
+            with open(reference._training_metadata_path) as f:
+                epoch = float(json.loads(f.read())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            epoch = -1.0
+        return float(os.path.exists(reference._weights_path)), epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.failure is None:
             super().on_epoch_end(epoch, logs)
 
 
-class _RestoreFirst(keras.callbacks.Callback):
-    """First in the list: restore weights/epoch before any other callback's ``on_train_begin`` sees the model."""
+def _weights_fingerprint(model: keras.Model) -> float:
+    return float(sum(np.sum(np.asarray(w, dtype=np.float64)) for w in model.get_weights()))
 
-    def __init__(self, backup: _GuardedBackup):
+
+class _RestoreFirst(keras.callbacks.Callback):
+    """First in the list: restore weights/epoch before any other callback's ``on_train_begin`` sees the model.
+
+    On a multi-worker run it then checks (a collective, on every worker) that all workers restored the same
+    epoch and weights, which fails when ``output_dir`` is not on storage every worker sees.
+    """
+
+    def __init__(self, backup: _GuardedBackup, strategy: tf.distribute.Strategy | None = None):
         super().__init__()
         self.backup = backup
+        self.strategy = strategy
 
     def set_model(self, model):
         super().set_model(model)
         self.backup.set_model(model)
 
     def on_train_begin(self, logs=None):
-        self.backup.restore(logs)
+        multi_worker = self.strategy is not None and distribute.is_multi_worker(self.strategy)
+        # Loading can create variables, a collective under MultiWorkerMirroredStrategy: first make sure every
+        # worker sees the same backup, so that all of them load it or none does.
+        if multi_worker and not distribute.workers_agree(self.backup.peek(), self.strategy):
+            raise InputError(self._disagree_message())
+        try:
+            self.backup.restore(logs)
+        except OSError as exc:  # neither the latest nor the previous backed-up state loads
+            raise InputError(
+                f"cannot resume from {self.backup.read_dir}: {exc}; delete that folder (or use another output_dir) "
+                "to start the run again"
+            ) from None
+        if multi_worker:
+            epoch = getattr(self.model, "_initial_epoch", None) or 0
+            if not distribute.workers_agree([epoch, _weights_fingerprint(self.model)], self.strategy):
+                raise InputError(self._disagree_message())
+
+    def _disagree_message(self) -> str:
+        return (f"the workers see different training states in {self.backup.read_dir}; on a multi-worker run "
+                "output_dir must be on storage all workers share")
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    tmp = f"{os.fspath(dst)}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+#: Temporary files of the atomic writes above and below; a killed run can leave them, the next run deletes them.
+_STALE_PATTERNS = (f".{pathlib.Path(CHECKPOINT).stem}-*.keras", f".{HISTORY_CSV}-*.tmp",
+                   f".{pathlib.Path(FILTERS_PNG).stem}-*.png", f"{BACKUP_DIR}/.pending.weights.h5",
+                   f"{BACKUP_DIR}/*.tmp")
+
+
+def _remove_stale_temporaries(directory: pathlib.Path) -> None:
+    for pattern in _STALE_PATTERNS:
+        for path in directory.glob(pattern):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -140,6 +334,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -247,14 +442,35 @@ def _ensure_built(model: keras.Model, dataset) -> None:
     if model.built:
         return
     spec = getattr(dataset, "element_spec", None)
-    while isinstance(spec, (tuple, list)):
-        spec = spec[0]
+    # A distributed dataset's spec is a PerReplicaSpec (or a tuple of them): take its first tensor spec.
+    flat = [s for s in tf.nest.flatten(spec, expand_composites=True) if isinstance(s, tf.TensorSpec)]
+    spec = flat[0] if flat else None
     shape = list(spec.shape) if spec is not None and spec.shape.rank == 4 else [None, None, None, 3]
     size = getattr(getattr(model, "backbone", model), "image_size", None)
     shape = [1] + [d if d is not None else size for d in shape[1:3]] + [shape[3] or 3]
     if None in shape:
         raise InputError("cannot infer the patch shape from the dataset; build the model before run_training")
     model(tf.zeros(shape, dtype=spec.dtype if spec is not None else tf.float32), training=False)
+
+
+def _vector_logs(train_step):
+    """``train_step`` with its scalar logs reshaped to ``(1,)``, for a multi-worker strategy.
+
+    Keras 3 reduces the step's logs across workers with ``strategy.reduce(MEAN, value, axis=0)``, which fails on
+    scalars ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388). On a
+    ``(1,)`` value it returns the scalar mean over all replicas, so every worker logs the same numbers.
+    """
+
+    def step(data):
+        logs = train_step(data)
+
+        def as_vector(value):
+            value = tf.convert_to_tensor(value)
+            return tf.reshape(value, [1]) if value.shape.rank == 0 else value
+
+        return tf.nest.map_structure(as_vector, logs)
+
+    return step
 
 
 def run_training(
@@ -278,30 +494,50 @@ def run_training(
     for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if not getattr(method_model, "compiled", False) or method_model.optimizer is None:
-        method_model.compile(optimizer=method_model.default_optimizer())
+    # The strategy the model was created under (TensorFlow's default one when none): the default optimizer and
+    # any weight not built yet must be created in its scope.
+    strategy = method_model.distribute_strategy
+    with strategy.scope():
+        if not getattr(method_model, "compiled", False) or method_model.optimizer is None:
+            method_model.compile(optimizer=method_model.default_optimizer())
+        _ensure_built(method_model, dataset)
+        # Create the optimizer's slots now, on every worker alike: under MultiWorkerMirroredStrategy creating a
+        # variable is a collective (worker 0 broadcasts the initial value), so it must not happen only where a
+        # backup is restored (BackupAndRestore builds the optimizer when it loads one).
+        if method_model.optimizer is not None and not method_model.optimizer.built:
+            method_model.optimizer.build(method_model.trainable_variables)
 
-    _ensure_built(method_model, dataset)
-
-    guard = NonFiniteGuard()
+    vector_logs = distribute.is_multi_worker(strategy) and "train_step" not in vars(method_model)
+    if vector_logs:
+        method_model.train_step = _vector_logs(method_model.train_step)
+    guard = NonFiniteGuard(strategy)
     head: list[keras.callbacks.Callback] = []
     tail: list[keras.callbacks.Callback] = []
-    out = None
+    out = scratch = None
     if output_dir is not None:
         out = pathlib.Path(output_dir)
+        # Multi-worker: only the chief writes into output_dir; the others write the same files into their
+        # scratch folder (deleted at the end) and restore from the chief's backup.
+        where = pathlib.Path(distribute.write_dir(out, strategy))
+        if where != out:
+            scratch = where
+            shutil.rmtree(scratch, ignore_errors=True)  # left over by a crashed run
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            where.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InputError(f"cannot create output_dir {str(out)!r}: {exc.strerror or exc}") from None
-        backup = _GuardedBackup(str(out / BACKUP_DIR), guard)
-        head.append(_RestoreFirst(backup))
+            raise InputError(f"cannot create output_dir {str(where)!r}: {exc.strerror or exc}") from None
+        _remove_stale_temporaries(where)
+        backup = _GuardedBackup(str(out / BACKUP_DIR), guard, write_dir=str(where / BACKUP_DIR))
+        head.append(_RestoreFirst(backup, strategy))
         tail += [
-            HistoryCSV(out / HISTORY_CSV, guard),
-            EpochCheckpoint(out, guard),
-            keras.callbacks.TensorBoard(log_dir=str(out / LOGS_DIR), write_graph=False, profile_batch=0),
+            HistoryCSV(where / HISTORY_CSV, guard),
+            EpochCheckpoint(where, guard),
+            keras.callbacks.TensorBoard(log_dir=str(where / LOGS_DIR), write_graph=False, profile_batch=0),
             backup,  # last, so a crash mid-epoch-end never records an epoch whose outputs were not written
         ]
     method_cbs = method_model.method_callbacks(context) if hasattr(method_model, "method_callbacks") else []
+    if strategy.num_replicas_in_sync > 1:
+        head.append(_SyncStatistics(strategy))  # before the user's callbacks (a probe) and the checkpoints
     all_callbacks = [*head, guard, *(callbacks or []), *method_cbs, *tail]
 
     try:
@@ -313,10 +549,23 @@ def run_training(
             verbose=verbose,
             shuffle=False,  # patch streams are already random; silences Keras's tf.data shuffle warning
         )
+    except OSError as exc:  # disk full, output_dir gone or unwritable: one clear line; what was saved is intact
+        if out is None:
+            raise
+        where_ = f": {exc.filename}" if exc.filename else ""
+        raise OSError(
+            exc.errno,
+            f"cannot write the training output in {str(out)!r} ({exc.strerror or exc}{where_}); the files of the "
+            "last completed epoch are intact: rerun the same command to resume once it can write there",
+        ) from exc
     finally:
         # BackupAndRestore leaves the resumed epoch on the model; a later fit() of the same model must not inherit it.
         if getattr(method_model, "_initial_epoch", None) is not None:
             method_model._initial_epoch = None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if vector_logs:
+            del method_model.train_step
     if guard.failure is not None:
         if out is not None and (out / CHECKPOINT).exists():
             last = guard.failed_epoch or 0
