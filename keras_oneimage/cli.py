@@ -59,6 +59,11 @@ def _fit_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("output_dir", None, "Where checkpoints and logs go (default: runs/<method>).", flag_values=fv)
     flags.DEFINE_string("variant", None, "AlexNet variant: cifar or imagenet (default: from image_size).", flag_values=fv)
     flags.DEFINE_integer("max_pixels", None, "Refuse source images with more declared pixels.", flag_values=fv)
+    flags.DEFINE_enum("strategy", None, ["mirrored", "multiworker", "tpu"],
+                      "tf.distribute strategy (default: one device). See docs/distributed.md.", flag_values=fv)
+    flags.DEFINE_enum("lr_scaling", "none", ["none", "linear", "sqrt"],
+                      "Scale the learning rate with batch_size / reference_batch.", flag_values=fv)
+    flags.DEFINE_integer("reference_batch", 256, "The batch the base learning rate is meant for.", flag_values=fv)
     _augment_flags(fv)
 
 
@@ -82,6 +87,9 @@ def _fit(fv: flags.FlagValues) -> int:
         variant=fv.variant,
         output_dir=output_dir,
         max_pixels=fv.max_pixels,
+        strategy=fv.strategy,
+        lr_scaling=fv.lr_scaling,
+        reference_batch=fv.reference_batch,
     )
     print(f"trained model saved in {output_dir}/model.keras; conv1 filters in {output_dir}/conv1_filters.png")
     return 0
