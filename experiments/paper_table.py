@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps_per_epoch", type=int, default=200)
     p.add_argument("--max_epochs", type=int, default=1000, help="upper bound; the time budget usually stops first")
     p.add_argument("--train_minutes", type=float, default=30.0, help="wall-clock training budget per row")
+    p.add_argument("--supervised_epochs", type=int, default=15,
+                   help="epochs of the supervised row's cosine schedule (the time budget may stop it earlier)")
     p.add_argument("--probe_epochs", type=int, default=12)
     p.add_argument("--probe_lr", type=float, default=None, help="probe learning rate (default: the probe module's)")
     p.add_argument("--max_per_class", type=int, default=None, help="subsample CIFAR-10 per class (quick runs)")
@@ -70,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_size = 8
         args.max_epochs = 1
         args.probe_epochs = 1
+        args.supervised_epochs = 1
         args.max_per_class = args.max_per_class or 4
     return args
 
@@ -103,6 +106,7 @@ def _row_command(row: str, args: argparse.Namespace) -> str:
         f"--steps_per_epoch {args.steps_per_epoch}",
         f"--train_minutes {args.train_minutes:g}",
         f"--probe_epochs {args.probe_epochs}",
+        f"--supervised_epochs {args.supervised_epochs}",
         f"--seed {args.seed}",
     ]
     if args.probe_lr is not None:
@@ -141,7 +145,7 @@ def train_row(row: str, args: argparse.Namespace, data) -> dict:
     elif method == "supervised":
         from keras_oneimage.transfer import finetune
 
-        result = finetune(None, data, freeze=(), epochs=args.max_epochs, batch_size=args.batch_size,
+        result = finetune(None, data, freeze=(), epochs=args.supervised_epochs, batch_size=args.batch_size,
                           seed=args.seed, image_size=args.image_size, verbose=0,
                           callbacks=[TimeBudget.make(args.train_minutes)])
         backbone = result.backbone
