@@ -121,3 +121,42 @@ def test_mixed_bfloat16_taps_are_float32_on_request():
         assert float(tf.reduce_max(taps["conv3"])) > 0.0
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 5, 6), (7, 6), (1, 1, 1, 3)])
+def test_fused_batchnorm_matches_keras_batchnorm(shape):
+    from keras_oneimage.models.alexnet import FusedBatchNormalization
+
+    x = tf.constant(np.random.default_rng(0).normal(1.0, 3.0, shape), tf.float32)
+    weights = tf.constant(np.arange(np.prod(shape)).reshape(shape) % 5, tf.float32)
+    results = []
+    for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = cls(momentum=0.9, epsilon=1e-5)
+        layer.build(shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, shape[-1]))
+        layer.beta.assign(np.linspace(-1.0, 1.0, shape[-1]))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * weights)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    for name, expected, got in zip(["y", "dx", "dgamma", "dbeta", "mean", "var", "inference"], *results):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_alexnet_built_under_a_policy_keeps_it_through_save_and_load(tmp_path):
+    from keras_oneimage.methods.base import precision_scope
+
+    with precision_scope("mixed_bfloat16"):
+        model = AlexNet("cifar", 32, widths=TINY)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    x = _batch(2, 32)
+    assert model(x).dtype == tf.bfloat16
+    model.save(tmp_path / "bf16.keras")
+    loaded = keras.saving.load_model(tmp_path / "bf16.keras")
+    assert loaded.get_layer("conv3").conv.compute_dtype == "bfloat16"
+    assert loaded.get_layer("conv3").conv.kernel.dtype == "float32"
+    got, expected = loaded.features(x, layers="conv5"), model.features(x, layers="conv5")
+    assert got["conv5"].dtype == tf.float32
+    np.testing.assert_allclose(got["conv5"].numpy(), expected["conv5"].numpy(), rtol=1e-2, atol=1e-2)

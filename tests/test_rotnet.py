@@ -61,3 +61,44 @@ def test_rotnet_learns_rotations_on_image_a(image_a_path):
     scores = model.evaluate(data, steps=4, verbose=0, return_dict=True)
     assert set(scores) == {"loss", "rotation_accuracy"}
     assert scores["rotation_accuracy"] > 0.4, scores
+
+
+def test_precision_resolution_and_scope():
+    from keras_oneimage.methods.base import precision_scope, resolve_precision
+
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("auto") in ("float32", "mixed_bfloat16")
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision("bf16")
+    with precision_scope("mixed_bfloat16") as policy:
+        assert policy == keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_mixed_bfloat16_rotnet_learns_and_its_outputs_stay_float32(tmp_path, image_a_path):
+    from keras_oneimage.data.images import load_image
+    from keras_oneimage.data.synthetic import patch_dataset
+    from keras_oneimage.export.savedmodel import export
+    from keras_oneimage.methods.base import precision_scope
+
+    keras.utils.set_random_seed(0)
+    data = patch_dataset([load_image(image_a_path)], image_size=32, batch_size=16, seed=0)
+    with precision_scope("mixed_bfloat16"):
+        model = RotNet(AlexNet("cifar", 32, widths=(16, 32, 48, 48, 32)), head_widths=(128, 128))
+    assert model.head.get_layer("fc1").compute_dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in model.weights)  # float32 master weights
+    model.compile(optimizer=model.default_optimizer())
+    history = model.fit(data, epochs=2, steps_per_epoch=25, verbose=0, shuffle=False).history
+    assert np.isfinite(history["loss"]).all()
+    assert history["loss"][-1] < history["loss"][0] - 0.05, history
+
+    x = tf.random.stateless_uniform((2, 32, 32, 3), seed=(3, 4))
+    assert model(x, training=False).dtype == tf.float32  # logits
+    taps = model.backbone.features(x, layers=("conv1", "conv5"))
+    assert all(t.dtype == tf.float32 for t in taps.values())
+    version = export(model, tmp_path / "export", layers=("conv1", "conv5"))
+    served = tf.saved_model.load(str(version)).signatures["serving_default"](images=x)
+    assert {k: v.dtype for k, v in served.items()} == {"conv1": tf.float32, "conv5": tf.float32}
+    # the same bf16 computation, up to bf16 rounding (the SavedModel graph fuses ops differently)
+    diff = np.abs(served["conv5"].numpy() - taps["conv5"].numpy())
+    assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
+from keras_oneimage.models.alexnet import FusedBatchNormalization
 
 NUM_ROTATIONS = 4
 #: Gidaris et al. 2018 put two 4096-wide fully connected layers on AlexNet's conv5 (as in AlexNet's classifier).
@@ -61,12 +62,13 @@ class RotNet(SelfSupervisedMethod):
         if any(w < 1 for w in head_widths):
             raise InputError(f"head_widths must be positive integers, got {head_widths!r}")
         self.head_widths = head_widths
-        layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten")]
+        dtype = self.dtype_policy  # the head computes like the method (a policy scope, or the saved config)
+        layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten", dtype=dtype)]
         for i, width in enumerate(head_widths, start=1):
             layers += [
-                keras.layers.Dense(width, use_bias=False, name=f"fc{i}"),
-                keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"fc{i}_bn"),
-                keras.layers.ReLU(name=f"fc{i}_relu"),
+                keras.layers.Dense(width, use_bias=False, name=f"fc{i}", dtype=dtype),
+                FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"fc{i}_bn", dtype=dtype),
+                keras.layers.ReLU(name=f"fc{i}_relu", dtype=dtype),
             ]
         # Logits in float32 even under a mixed-precision policy, so the softmax cross-entropy is stable.
         layers.append(keras.layers.Dense(NUM_ROTATIONS, dtype="float32", name="logits"))

@@ -27,6 +27,67 @@ ALEXNET_WIDTHS = (96, 256, 384, 384, 256)
 VARIANTS = ("cifar", "imagenet")
 
 
+_FUSED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@keras.saving.register_keras_serializable(package="keras_oneimage")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` computed by TensorFlow's fused kernel (``FusedBatchNormV3``).
+
+    Same weights, config, statistics and moving-average rule as the Keras layer (biased batch variance, moving
+    statistics updated as ``m * momentum + batch * (1 - momentum)``), but one fused kernel forward and one
+    backward instead of Keras's chain of element-wise ops in float32: the Keras layer upcasts a ``bfloat16``
+    activation to float32 and makes ~10 passes over it, which cost more than the convolutions themselves under
+    ``mixed_bfloat16`` (docs/performance.md). Applies to channels-last inputs of rank 4 (and rank 2, viewed as
+    ``(B, 1, 1, C)``) on the TensorFlow backend; anything else (masks, renorm, synchronized, other axes,
+    float64) falls back to the Keras implementation.
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        rank = len(inputs.shape)
+        return (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and not self.renorm
+            and not self.synchronized
+            and rank in (2, 4)
+            and self.axis in (-1, rank - 1)
+            and keras.backend.standardize_dtype(inputs.dtype) in _FUSED_DTYPES
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(inputs)
+        channels = int(x.shape[-1])
+        x4 = tf.reshape(x, (-1, 1, 1, channels)) if x.shape.rank == 2 else x
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones((channels,), tf.float32)
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros((channels,), tf.float32)
+        if training and self.trainable:
+            empty = tf.zeros((0,), tf.float32)
+            y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x4, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=self.epsilon,
+                exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+            )
+            # The kernel returns the unbiased (n / (n - 1)) variance; Keras keeps the biased one.
+            n = tf.cast(tf.size(x4, out_type=tf.int64) // channels, tf.float32)
+            variance = variance * tf.where(n > 1.0, (n - 1.0) / tf.maximum(n, 1.0), 1.0)
+            for var, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                batch = tf.cast(batch, var.dtype)
+                var.assign(var.value * self.momentum + batch * (1.0 - self.momentum))
+        else:
+            y, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=x4, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
+                exponential_avg_factor=1.0, data_format="NHWC", is_training=False,
+            )
+        if x.shape.rank == 2:
+            y = tf.reshape(y, tf.shape(x))
+        return ops.cast(y, self.compute_dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_oneimage")
 class ConvBNReLU(keras.layers.Layer):
     """Conv2D (no bias) → BatchNorm → ReLU; its output is a probe tap (post-BN, post-ReLU)."""
@@ -37,7 +98,10 @@ class ConvBNReLU(keras.layers.Layer):
         self.kernel_size = int(kernel_size)
         self.strides = int(strides)
         self.padding = padding
-        self.pad = keras.layers.ZeroPadding2D(padding, name="pad") if isinstance(padding, int) and padding else None
+        dtype = self.dtype_policy  # sublayers compute like their parent (set by a policy scope or the config)
+        self.pad = (
+            keras.layers.ZeroPadding2D(padding, name="pad", dtype=dtype) if isinstance(padding, int) and padding else None
+        )
         self.conv = keras.layers.Conv2D(
             self.filters,
             self.kernel_size,
@@ -46,8 +110,9 @@ class ConvBNReLU(keras.layers.Layer):
             use_bias=False,
             kernel_initializer="he_normal",  # Caron et al. 2018 initialise AlexNet with N(0, 2/n).
             name="conv",
+            dtype=dtype,
         )
-        self.bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")
+        self.bn = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name="bn", dtype=dtype)
 
     def build(self, input_shape):
         shape = input_shape
@@ -132,17 +197,20 @@ class AlexNet(keras.Model):
         if min(min(s[:2]) for s in shapes.values()) < 1:
             raise InputError(f"image_size {image_size} is too small for the {variant!r} AlexNet")
 
-        self.sobel_layer = Sobel(name="sobel") if self.sobel else None
+        # Every sublayer gets this model's dtype policy, so a trunk built under a mixed-precision policy (or
+        # reloaded from a config that records one) computes in it throughout; weights stay float32.
+        dtype = self.dtype_policy
+        self.sobel_layer = Sobel(name="sobel", dtype=dtype) if self.sobel else None
         conv1_kernel, conv1_stride, conv1_pad = self._spec["conv1"]
         pool_pad = self._spec["pool_padding"]
-        self.conv1 = ConvBNReLU(widths[0], conv1_kernel, conv1_stride, conv1_pad, name="conv1")
-        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool1")
-        self.conv2 = ConvBNReLU(widths[1], 5, 1, "same", name="conv2")
-        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool2")
-        self.conv3 = ConvBNReLU(widths[2], 3, 1, "same", name="conv3")
-        self.conv4 = ConvBNReLU(widths[3], 3, 1, "same", name="conv4")
-        self.conv5 = ConvBNReLU(widths[4], 3, 1, "same", name="conv5")
-        self.pool5 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool5")
+        self.conv1 = ConvBNReLU(widths[0], conv1_kernel, conv1_stride, conv1_pad, name="conv1", dtype=dtype)
+        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool1", dtype=dtype)
+        self.conv2 = ConvBNReLU(widths[1], 5, 1, "same", name="conv2", dtype=dtype)
+        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool2", dtype=dtype)
+        self.conv3 = ConvBNReLU(widths[2], 3, 1, "same", name="conv3", dtype=dtype)
+        self.conv4 = ConvBNReLU(widths[3], 3, 1, "same", name="conv4", dtype=dtype)
+        self.conv5 = ConvBNReLU(widths[4], 3, 1, "same", name="conv5", dtype=dtype)
+        self.pool5 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool5", dtype=dtype)
         # (tap layer, pooling applied after it before the next block)
         self._blocks = (
             (self.conv1, self.pool1),

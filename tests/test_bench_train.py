@@ -1,0 +1,54 @@
+"""experiments/bench_train.py: the quick mode runs end to end and prints its ratios (nothing about timings)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "bench_train.py"
+
+
+def _run(args, tmp_path, *, block_torch=False):
+    """Runs the script in a fresh process (it sets global Keras policies and thread pools)."""
+    code = "import runpy, sys\n"
+    if block_torch:  # as if torch were not installed: `import torch` raises ModuleNotFoundError
+        code += (
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ModuleNotFoundError(\"No module named 'torch'\", name=name)\n"
+            "sys.meta_path.insert(0, _NoTorch())\n"
+        )
+    code += f"sys.argv = {[str(SCRIPT), *args]!r}\nrunpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quick_mode_completes_and_prints_ratios(tmp_path, image_a_path):
+    out = tmp_path / "bench.json"
+    stdout = _run(["--quick", "--image", str(image_a_path), "--json", str(out)], tmp_path)
+    assert "parameter counts match" in stdout
+    assert "RATIO 32px" in stdout
+    results = json.loads(out.read_text())["32"]
+    assert {"keras-fp32", "keras-bf16-pipe"} <= set(results)
+    for name, row in results.items():
+        assert row["images_per_s"] > 0 and len(row["windows"]) == 2, name
+        assert row["memory"] is None or row["memory"]["peak_rss_mib"] > 0, name
+    assert len({row["params"] for row in results.values()}) == 1  # the same network on both sides
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert "PyTorch is not installed" in stdout
+    else:
+        assert "torch" in results and results["torch"]["ratio"] == pytest.approx(1.0)
+
+
+def test_without_torch_it_skips_the_pytorch_side(tmp_path):
+    stdout = _run(["--quick", "--variants", "keras-fp32,keras-bf16,torch", "--no-memory"], tmp_path, block_torch=True)
+    assert "PyTorch is not installed: skipping torch" in stdout
+    assert "RATIO 32px vs keras-fp32 (paired median): keras-bf16" in stdout
