@@ -26,3 +26,13 @@ def test_every_command_has_help(capsys):
         rc, out, _ = _run([command, "--help"], capsys)
         assert rc == 0, command
         assert must_mention.lstrip("-") in out, command
+
+
+def test_fit_precision_is_validated_before_anything_is_written(tmp_path, capsys):
+    from keras_oneimage import api
+    from keras_oneimage.errors import InputError
+    import pytest
+
+    with pytest.raises(InputError, match="precision"):
+        api.fit(None, precision="float8", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
