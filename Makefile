@@ -17,7 +17,7 @@ install: $(STAMP)
 # Offline: trains a small RotNet on an image shipped inside matplotlib, saves the checkpoint and a conv1 filter PNG.
 demo: $(STAMP)
 	$(BIN)/keras-oneimage fit --method rotnet --output_dir demo_output --image_size 32 --batch_size 32 \
-	    --epochs 3 --steps_per_epoch 60
+	    --epochs 3 --steps_per_epoch 40 --precision auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
