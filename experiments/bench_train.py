@@ -348,14 +348,14 @@ def report(size: int, batch: int, result: dict, memory: dict, reference: str) ->
     print(f"\n{size} px, batch {batch} patches = {NUM_ROTATIONS * batch} rotated images per step "
           f"(rates in rotated images/s, median of {len(ref)} windows; ratios vs {reference})")
     print(f"  {'variant':<26} {'params':>11} {'images/s':>9} {'min':>7} {'max':>7} {'ratio':>6} {'paired':>6} "
-          f"{'peak RSS MiB':>12}")
+          f"{'peak RSS MiB (after import)':>27}")
     for name, xs in rates.items():
         ratio = _median(xs) / _median(ref)
         paired = _median([a / b for a, b in zip(xs, ref)])
         mem = memory.get(name)
-        mem_s = f"{mem['peak_rss_mib']:.0f}" if mem else "-"
+        mem_s = f"{mem['peak_rss_mib']:.0f} ({mem['after_import_mib']:.0f})" if mem else "-"
         print(f"  {name:<26} {params[name]:>11,} {_median(xs):>9.1f} {min(xs):>7.1f} {max(xs):>7.1f} "
-              f"{ratio:>6.2f} {paired:>6.2f} {mem_s:>12}")
+              f"{ratio:>6.2f} {paired:>6.2f} {mem_s:>27}")
         summary[name] = {"params": params[name], "images_per_s": _median(xs), "windows": xs, "ratio": ratio,
                          "paired_ratio": paired, "memory": mem}
     counts = set(params.values())
