@@ -19,8 +19,8 @@ Variant names (``--variants``, comma-separated):
 
   keras-<fp32|bf16>[-xla|-noxla][-spe<N>][-pipe]   our RotNet step, run as ``fit`` runs it (``train_function``)
       fp32 / bf16    ``float32`` or ``mixed_bfloat16`` Keras policy (bf16 matmuls/convs, float32 weights)
-      -xla / -noxla  ``compile(jit_compile=...)``; neither: the default of ``SelfSupervisedMethod.compile``
-      -spe<N>        ``compile(steps_per_execution=N)``; absent: the compile default
+      -xla / -noxla  ``compile(jit_compile=...)``; neither: Keras's default ("auto": off on CPU-only machines)
+      -spe<N>        ``compile(steps_per_execution=N)``; absent: Keras's default (1)
       -pipe          feed the real augmented patch stream (``patch_dataset`` over ``--image``, prefetching in
                      the background) instead of one fixed random batch
       -kbn           stock ``keras.layers.BatchNormalization`` instead of our ``FusedBatchNormalization``
@@ -30,15 +30,20 @@ Variant names (``--variants``, comma-separated):
       -cl            ``channels_last`` memory format
 
 Without PyTorch installed the ``torch`` variants are skipped (ratios are then printed against the first
-variant). Usage:
+variant). ``--accuracy`` instead trains float32 and mixed_bfloat16 RotNets and compares their linear-probe
+accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
 
-    .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--quick]
+    .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--steps 3]
+        [--variants keras-fp32,keras-bf16,keras-bf16-pipe,torch] [--threads INTRA,INTER] [--torch-threads N]
+        [--no-memory] [--json out.json] [--quick]
+    .venv/bin/python experiments/bench_train.py --accuracy [--sizes 64] [--batch 32] [--accuracy-steps 240]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -118,28 +123,25 @@ class KerasStep:
         import keras
         import tensorflow as tf
 
+        from keras_oneimage.methods.base import precision_scope
         from keras_oneimage.methods.rotnet import RotNet
         from keras_oneimage.models import AlexNet
 
         self.spec = spec
         self.size = size
         self.batch = batch
-        policy = "mixed_bfloat16" if spec["precision"] == "bf16" else "float32"
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            keras.utils.set_random_seed(seed)
+        keras.utils.set_random_seed(seed)
+        # as keras_oneimage.fit builds it: inside a precision scope, which the models record in their config
+        with precision_scope("mixed_bfloat16" if spec["precision"] == "bf16" else "float32"):
             with _stock_batchnorm(spec["keras_bn"]):
                 model = RotNet(AlexNet(alexnet_variant(size), size, widths=widths), head_widths=head)
-            compile_kw = {}
-            if spec["jit"] is not None:
-                compile_kw["jit_compile"] = spec["jit"]
-            if spec["spe"] is not None:
-                compile_kw["steps_per_execution"] = spec["spe"]
-            model.compile(optimizer=model.default_optimizer(), **compile_kw)
-            model(tf.zeros((1, size, size, 3)), training=False)  # build every weight
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        compile_kw = {}
+        if spec["jit"] is not None:
+            compile_kw["jit_compile"] = spec["jit"]
+        if spec["spe"] is not None:
+            compile_kw["steps_per_execution"] = spec["spe"]
+        model.compile(optimizer=model.default_optimizer(), **compile_kw)
+        model(tf.zeros((1, size, size, 3)), training=False)  # build every weight
         self.model = model
         self.steps_per_call = int(model.steps_per_execution)
         self.jit = bool(model.jit_compile)
@@ -157,7 +159,7 @@ class KerasStep:
 
     @property
     def params(self) -> int:
-        return int(sum(int(v.shape.num_elements()) for v in self.model.trainable_variables))
+        return int(sum(math.prod(v.shape) for v in self.model.trainable_variables))
 
     def describe(self) -> str:
         policy = "mixed_bfloat16" if self.spec["precision"] == "bf16" else "float32"
@@ -177,6 +179,7 @@ class KerasStep:
 # ------------------------------------------------------------------------------------------------ PyTorch
 def torch_alexnet_rotnet(size: int, widths, head):
     """The same network in PyTorch (NCHW): our AlexNet variant at ``size`` and the RotNet head."""
+    import torch
     import torch.nn as nn
 
     def block(cin, cout, kernel, stride, pad):
@@ -191,8 +194,6 @@ def torch_alexnet_rotnet(size: int, widths, head):
               *block(widths[1], widths[2], 3, 1, 1), *block(widths[2], widths[3], 3, 1, 1),
               *block(widths[3], widths[4], 3, 1, 1), pool(), nn.Flatten()]
     trunk = nn.Sequential(*layers)
-    import torch
-
     with torch.no_grad():
         flat = trunk(torch.zeros(2, 3, size, size)).shape[1]
     hidden = []
@@ -217,6 +218,7 @@ class TorchStep:
         self.memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.model.train()
+        # Keras decays weights decoupled, torch adds the decay to the gradient: the same work per step.
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         self.x = torch.rand(batch, 3, size, size)
         self.labels = torch.arange(NUM_ROTATIONS).repeat_interleave(batch)

@@ -99,9 +99,8 @@ class ConvBNReLU(keras.layers.Layer):
         self.strides = int(strides)
         self.padding = padding
         dtype = self.dtype_policy  # sublayers compute like their parent (set by a policy scope or the config)
-        self.pad = (
-            keras.layers.ZeroPadding2D(padding, name="pad", dtype=dtype) if isinstance(padding, int) and padding else None
-        )
+        explicit_pad = isinstance(padding, int) and padding
+        self.pad = keras.layers.ZeroPadding2D(padding, name="pad", dtype=dtype) if explicit_pad else None
         self.conv = keras.layers.Conv2D(
             self.filters,
             self.kernel_size,
