@@ -83,28 +83,6 @@ def write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def probe_val_and_test(backbone, data, *, layers: Sequence[str] = TAPS, epochs: int, batch_size: int,
-                       seed: int) -> dict[str, dict[str, float]]:
-    """Linear probes trained ONCE on ``data.train``, scored on the val and the test split.
-
-    Identical to ``probe_val(...)`` and ``probe(..., split="test")`` with the same arguments (same training, same
-    seed) at half the cost. It uses the probe module's training routine directly.
-    """
-    from keras_oneimage.probes import linear
-
-    model, val_ds = linear._train(
-        backbone, data, layers=tuple(layers), epochs=epochs, batch_size=batch_size, seed=seed, image_size=None,
-        learning_rate=linear.LEARNING_RATE, weight_decay=linear.WEIGHT_DECAY, target_dims=linear.TARGET_DIMS,
-        split="val", verbose=0,
-    )  # fmt: skip
-    size = linear._image_size(backbone, data, None)
-    out = {}
-    for split, ds in (("val", val_ds), ("test", linear.eval_pipeline(data.test, size, batch_size))):
-        scores = model.evaluate(ds, verbose=0, return_dict=True)
-        out[split] = {layer: float(scores[f"acc_{layer}"]) for layer in model.probe_layers}
-    return out
-
-
 def train_and_probe(name: str, augment, args, images, data, out: pathlib.Path, extra: Mapping[str, Any] | None = None,
                     log=print) -> dict[str, Any]:
     """Train RotNet with ``augment`` and probe it (val + test); cached in ``out/<name>-<digest>.json``."""
@@ -114,9 +92,11 @@ def train_and_probe(name: str, augment, args, images, data, out: pathlib.Path, e
         "augment": dataclasses.asdict(augment), "image": str(args.image), "image_size": args.image_size,
         "batch_size": args.batch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "seed": args.seed, "widths": args.widths, "head_widths": args.head_widths, "method": "rotnet",
+        "precision": args.precision,
     }  # fmt: skip
     probe_settings = {"dataset": "cifar10", "max_per_class": args.max_per_class, "val_fraction": args.val_fraction,
-                      "probe_epochs": args.probe_epochs, "probe_batch_size": args.probe_batch_size}  # fmt: skip
+                      "probe_epochs": args.probe_epochs, "probe_batch_size": args.probe_batch_size,
+                      "probe_lr": args.probe_lr, "probe_augment": args.probe_augment}  # fmt: skip
     tag = f"{name}-{digest({**train_settings, **probe_settings})}"
     path = out / f"{tag}.json"
     if path.exists():
@@ -129,11 +109,14 @@ def train_and_probe(name: str, augment, args, images, data, out: pathlib.Path, e
         images, method="rotnet", augment=augment, image_size=args.image_size, batch_size=args.batch_size,
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, seed=args.seed, widths=widths,
         output_dir=out / "runs" / f"{name}-{digest(train_settings)}", verbose=args.verbose,
-        method_options={} if head is None else {"head_widths": head},
+        method_options={} if head is None else {"head_widths": head}, precision=args.precision,
     )  # fmt: skip
     trained = time.time()
-    scores = probe_val_and_test(model.backbone, data, epochs=args.probe_epochs, batch_size=args.probe_batch_size,
-                                seed=args.seed)  # fmt: skip
+    from keras_oneimage.probes import probe_splits
+
+    scores = probe_splits(model.backbone, data, ("val", "test"), epochs=args.probe_epochs, verbose=0,
+                          batch_size=args.probe_batch_size, learning_rate=args.probe_lr, seed=args.seed,
+                          augment=bool(args.probe_augment))
     record = {
         "name": name, **(extra or {}), "val": scores["val"], "test": scores["test"],
         "train_settings": train_settings, "probe_settings": probe_settings,
@@ -178,10 +161,15 @@ def common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps_per_epoch", type=int, default=100)
     parser.add_argument("--probe_epochs", type=int, default=36, help="linear-probe epochs (paper: 36)")
     parser.add_argument("--probe_batch_size", type=int, default=192)
+    parser.add_argument("--probe_lr", type=float, default=0.01, help="linear-probe learning rate (paper: 0.01)")
+    parser.add_argument("--probe_augment", type=int, default=1, choices=(0, 1),
+                        help="1: the paper's augmented probe; 0: probes on cached taps (the trunk runs once per image)")
     parser.add_argument("--max_per_class", type=int, default=None, help="subsample CIFAR-10 (per class)")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of CIFAR-10 train held out as val")
     parser.add_argument("--widths", default=None, help="AlexNet widths, e.g. 96,256,384,384,256 (default)")
     parser.add_argument("--head_widths", default=None, help="RotNet head widths, e.g. 1024,1024 (default)")
+    parser.add_argument("--precision", default="float32", choices=("auto", "float32", "mixed_bfloat16"),
+                        help="training precision ('auto': bf16 on AMX CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=0, help="Keras training verbosity (0, 1, 2)")
 

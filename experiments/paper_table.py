@@ -58,7 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="epochs of the supervised row's cosine schedule (the time budget may stop it earlier)")
     p.add_argument("--probe_epochs", type=int, default=12)
     p.add_argument("--probe_lr", type=float, default=None, help="probe learning rate (default: the probe module's)")
+    p.add_argument("--probe_augment", type=int, default=1, choices=(0, 1),
+                   help="1: the paper's augmented probe; 0: probes on cached taps (the trunk runs once per image)")
     p.add_argument("--max_per_class", type=int, default=None, help="subsample CIFAR-10 per class (quick runs)")
+    p.add_argument("--precision", default="float32", choices=["auto", "float32", "mixed_bfloat16"],
+                   help="self-supervised rows' compute precision (fit(precision=...)); 'auto' = bf16 on AMX CPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: TF default)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
@@ -77,26 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class TimeBudget:
-    """A Keras callback factory: stop training (after the current batch) once ``minutes`` have passed."""
-
-    @staticmethod
-    def make(minutes: float):
-        import keras
-
-        class _Budget(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.start = time.monotonic()
-                self.steps = 0
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.steps += 1
-                if time.monotonic() - self.start > 60.0 * minutes:
-                    self.model.stop_training = True
-
-        return _Budget()
-
-
 def _row_command(row: str, args: argparse.Namespace) -> str:
     parts = [
         "python experiments/paper_table.py",
@@ -109,20 +93,26 @@ def _row_command(row: str, args: argparse.Namespace) -> str:
         f"--supervised_epochs {args.supervised_epochs}",
         f"--seed {args.seed}",
     ]
+    if args.precision != "float32" and ROWS[row][0] not in (None, "supervised"):
+        parts.append(f"--precision {args.precision}")
     if args.probe_lr is not None:
         parts.append(f"--probe_lr {args.probe_lr:g}")
+    if not args.probe_augment:
+        parts.append("--probe_augment 0")
     if args.max_per_class:
         parts.append(f"--max_per_class {args.max_per_class}")
     return " ".join(parts)
 
 
 def _probe_both_splits(backbone, data, args) -> dict[str, dict[str, float]]:
-    from keras_oneimage.probes import probe
+    """Probes trained once, scored on val (where choices are made) and test (what is reported)."""
+    from keras_oneimage.probes import probe_splits
 
-    options = {"epochs": args.probe_epochs, "seed": args.seed, "verbose": 0, "layers": TAPS}
+    options = {"epochs": args.probe_epochs, "seed": args.seed, "verbose": 0, "layers": TAPS,
+               "augment": bool(args.probe_augment)}
     if args.probe_lr is not None:
         options["learning_rate"] = args.probe_lr
-    return {split: probe(backbone, data, split=split, **options) for split in ("val", "test")}
+    return probe_splits(backbone, data, ("val", "test"), **options)
 
 
 def train_row(row: str, args: argparse.Namespace, data) -> dict:
@@ -131,6 +121,7 @@ def train_row(row: str, args: argparse.Namespace, data) -> dict:
 
     from keras_oneimage import api
     from keras_oneimage.models.alexnet import AlexNet
+    from keras_oneimage.training import TimeBudget
 
     method, image_name = ROWS[row]
     run_dir = pathlib.Path(args.out) / row
@@ -147,20 +138,21 @@ def train_row(row: str, args: argparse.Namespace, data) -> dict:
 
         result = finetune(None, data, freeze=(), epochs=args.supervised_epochs, batch_size=args.batch_size,
                           seed=args.seed, image_size=args.image_size, verbose=0,
-                          callbacks=[TimeBudget.make(args.train_minutes)])
+                          callbacks=[TimeBudget(args.train_minutes)])
         backbone = result.backbone
         record.update(train_seconds=time.monotonic() - start, supervised_test_accuracy=result.test_accuracy,
                       labelled_images_seen=int(result.images_seen))
     else:
-        budget = TimeBudget.make(args.train_minutes)
+        budget = TimeBudget(args.train_minutes)
         model = api.fit(
             str(SHARED_IMAGES / image_name), method=method, image_size=args.image_size,
             batch_size=args.batch_size, epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
             seed=args.seed, output_dir=str(run_dir), callbacks=[budget], verbose=0 if args.quick else 2,
+            precision=args.precision,
         )
         backbone = model.backbone
         record.update(train_seconds=time.monotonic() - start, steps=budget.steps,
-                      patches=budget.steps * args.batch_size)
+                      patches=budget.steps * args.batch_size, precision=args.precision)
     return record, backbone
 
 
@@ -189,6 +181,8 @@ def run_rows(args: argparse.Namespace) -> None:
         record["probe"] = _probe_both_splits(backbone, data, args)
         record["probe_seconds"] = time.monotonic() - t0
         record["probe_epochs"] = args.probe_epochs
+        record["probe_augment"] = bool(args.probe_augment)
+        record["probe_lr"] = args.probe_lr
         record["cifar_train_images"] = data.train_size
         backbone.save_weights(str(out / f"{row}.weights.h5"))
         tmp = path.with_suffix(".json.tmp")
@@ -233,15 +227,15 @@ def report(args: argparse.Namespace) -> str:
         conv1_filter_comparison(trunks, figures / "paper_table_conv1.png")
 
     lines = [MARK_START, "## CIFAR-10 linear probes per layer (paper Table 2 / Fig. 2, CPU scale)", ""]
-    lines += ["| row | conv1 | conv2 | conv3 | conv4 | conv5 | val conv1 | val conv2 | train time | patches | size | seed |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| row | conv1 | conv2 | conv3 | conv4 | conv5 | val conv1 | val conv2 | train time | patches | size | precision | seed |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for row, rec in records.items():
         t, v = rec["probe"]["test"], rec["probe"]["val"]
         patches = rec.get("patches") or rec.get("labelled_images_seen", 0)
         lines.append(
             f"| {row} | " + " | ".join(f"{100 * t[k]:.1f}" for k in TAPS)
             + f" | {100 * v['conv1']:.1f} | {100 * v['conv2']:.1f} | {rec['train_seconds'] / 60:.1f} min"
-            + f" | {patches:,} | {rec['image_size']} | {rec['seed']} |"
+            + f" | {patches:,} | {rec['image_size']} | {rec.get('precision', 'float32')} | {rec['seed']} |"
         )
     lines += ["", "Commands that reproduce each row:", ""]
     lines += [f"- `{row}`: `{rec['command']}`" for row, rec in records.items()]

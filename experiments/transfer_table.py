@@ -102,21 +102,6 @@ def command_line(row: str, args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def time_budget(minutes: float):
-    """A callback that stops training (after the current batch) once ``minutes`` have passed."""
-    import keras
-
-    class TimeBudget(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.start = time.monotonic()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if time.monotonic() - self.start > 60.0 * minutes:
-                self.model.stop_training = True
-
-    return TimeBudget()
-
-
 def random_trunk(args: argparse.Namespace):
     """``None`` (finetune's own random AlexNet) or, with --quick, a tiny random one."""
     if not args.quick:
@@ -160,7 +145,9 @@ def run_row(row: str, args: argparse.Namespace, data, out: pathlib.Path) -> dict
     options = dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                    seed=args.seed, image_size=args.image_size, verbose=2)
     if args.train_minutes:
-        options["callbacks"] = [time_budget(args.train_minutes)]
+        from keras_oneimage.training import TimeBudget
+
+        options["callbacks"] = [TimeBudget(args.train_minutes)]
     source_label = None
     if row == "rotnet":
         source = args.rotnet_checkpoint or quick_rotnet(args, out)

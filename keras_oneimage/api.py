@@ -110,6 +110,7 @@ def fit(
     lr_scaling: str = "none",
     reference_batch: int = 256,
     precision: str = "float32",
+    max_minutes: float | None = None,
     **method_options: Any,
 ):
     """Train a self-supervised method on patches of one (or N) source image(s); return the trained method model.
@@ -140,6 +141,8 @@ def fit(
       precision: Keras dtype policy for the models: ``"float32"``, ``"mixed_bfloat16"``, ``"mixed_float16"``, or
         ``"auto"`` (``mixed_bfloat16`` on a CPU with AMX-BF16, else float32; 2.8x faster RotNet training at 64 px
         on such a CPU, docs/performance.md). Weights, taps and exports stay float32.
+      max_minutes: a wall-clock budget: stop after the batch running when it runs out (that epoch is saved and
+        counted as done). ``epochs`` stays the upper bound.
       **method_options: passed to the method class (e.g. ``num_clusters`` for DeepCluster).
 
     Returns:
@@ -168,6 +171,12 @@ def fit(
     lr_factor = distribute_lib.learning_rate_factor(batch_size, lr_scaling, reference_batch)
     epochs = _positive_int("epochs", epochs)
     steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+    budget = None
+    if max_minutes is not None:
+        from keras_oneimage.training import TimeBudget
+
+        budget = TimeBudget(max_minutes)  # raises InputError on a bad value
+        callbacks = [*(callbacks or []), budget]
     seed = int(seed)
     method_cls = registry.get(method)
     variant = _variant_for(image_size, variant)
@@ -245,7 +254,7 @@ def _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks
     """The dataset, compile and training of `fit`, run inside the strategy's scope (if any)."""
     from keras_oneimage import distribute as distribute_lib
     from keras_oneimage.data.synthetic import patch_dataset
-    from keras_oneimage.training import run_training
+    from keras_oneimage.training import completed_epochs, run_training
 
     images, image_size, batch_size, augment, seed = (
         context.images, context.image_size, context.batch_size, context.augment, context.seed)
@@ -253,11 +262,16 @@ def _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks
     make_dataset = getattr(model, "make_dataset", None)
     if make_dataset is not None:
         dataset = make_dataset(context)
-    elif strategy is not None:  # one seeded shard per worker, per-replica batches (docs/distributed.md)
-        dataset = distribute_lib.distribute_patches(images, image_size=image_size, batch_size=batch_size,
-                                                    augment=augment, seed=seed, strategy=strategy)
     else:
-        dataset = patch_dataset(images, image_size=image_size, batch_size=batch_size, augment=augment, seed=seed)
+        # A resumed run continues the patch stream where the committed epochs left it.
+        start_step = completed_epochs(out) * steps_per_epoch
+        if strategy is not None:  # one seeded shard per worker, per-replica batches (docs/distributed.md)
+            dataset = distribute_lib.distribute_patches(images, image_size=image_size, batch_size=batch_size,
+                                                        augment=augment, seed=seed, strategy=strategy,
+                                                        start_step=start_step)
+        else:
+            dataset = patch_dataset(images, image_size=image_size, batch_size=batch_size, augment=augment,
+                                    seed=seed, start_step=start_step)
     if optimizer is not None or lr_factor != 1.0:
         optimizer = distribute_lib.optimizer_in_scope(optimizer, strategy)
         model.compile(optimizer=optimizer if optimizer is not None else model.default_optimizer())

@@ -55,6 +55,8 @@ def _fit_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch_size", 64, "Global batch size.", flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Epochs.", flag_values=fv)
     flags.DEFINE_integer("steps_per_epoch", 100, "Steps per epoch.", flag_values=fv)
+    flags.DEFINE_float("max_minutes", None, "Wall-clock budget: stop after this many minutes (--epochs stays "
+                       "the upper bound); the last epoch is saved as usual.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed (patches and weights).", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Where checkpoints and logs go (default: runs/<method>).", flag_values=fv)
     flags.DEFINE_string("variant", None, "AlexNet variant: cifar or imagenet (default: from image_size).", flag_values=fv)
@@ -94,6 +96,7 @@ def _fit(fv: flags.FlagValues) -> int:
         lr_scaling=fv.lr_scaling,
         reference_batch=fv.reference_batch,
         precision=fv.precision,
+        max_minutes=fv.max_minutes,
     )
     print(f"trained model saved in {output_dir}/model.keras; conv1 filters in {output_dir}/conv1_filters.png")
     return 0
@@ -109,6 +112,8 @@ def _probe_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("learning_rate", None, "Probe SGD learning rate (default: the probe module's).", flag_values=fv)
     flags.DEFINE_enum("split", "test", ["val", "test"], "Split to report accuracy on.", flag_values=fv)
     flags.DEFINE_integer("max_per_class", None, "Subsample each class (quick runs).", flag_values=fv)
+    flags.DEFINE_bool("augment", True, "The paper's augmented probe; --noaugment trains the probes on cached "
+                      "taps (the trunk runs once per image: much faster, no augmentation).", flag_values=fv)
     flags.DEFINE_bool("knn", False, "Also run the cosine kNN (k=20) probe.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
     flags.DEFINE_string("output", None, "Also write the results as JSON to this file.", flag_values=fv)
@@ -127,7 +132,7 @@ def _probe(fv: flags.FlagValues) -> int:
         parent = os.path.dirname(os.path.abspath(fv.output))
         if os.path.isdir(fv.output) or not os.path.isdir(parent):
             raise UsageError(f"--output={fv.output!r}: expected a file path in an existing directory")
-    options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split}
+    options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split, "augment": fv.augment}
     if fv.learning_rate is not None:
         options["learning_rate"] = fv.learning_rate
     results = api.probe(
@@ -166,6 +171,68 @@ def _export(fv: flags.FlagValues) -> int:
         raise UsageError(f"--name must be a plain name, got {fv.name!r}")
     version_dir = export(fv.checkpoint, os.path.join(fv.base_dir, fv.name), layers=_split_list(fv.layers))
     print(f"exported {fv.layers} to {version_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ finetune
+def _finetune_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("source", None, "Where the frozen layers come from: a model.keras, a fit output_dir, an "
+                        "exported model (base dir or version dir), or 'random'.", flag_values=fv)
+    flags.DEFINE_string("dataset", "cifar10", "'cifar10' or a class-folder tree with train/ and test/.", flag_values=fv)
+    flags.DEFINE_string("freeze", "conv1,conv2", "Comma-separated taps kept frozen ('' trains everything).",
+                        flag_values=fv)
+    flags.DEFINE_integer("epochs", 10, "Training epochs (cosine learning-rate decay over all of them).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 128, "Batch size.", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9).", flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "Input side (default: the source trunk's).", flag_values=fv)
+    flags.DEFINE_integer("max_per_class", None, "Subsample each class (quick runs).", flag_values=fv)
+    flags.DEFINE_float("max_minutes", None, "Wall-clock budget: stop training after this many minutes.",
+                       flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Write the result summary (accuracies, history) as JSON here.",
+                        flag_values=fv)
+    flags.DEFINE_string("save", None, "Save the trained classifier as a .keras file here.", flag_values=fv)
+
+
+def _finetune(fv: flags.FlagValues) -> int:
+    import json
+
+    from keras_oneimage.transfer import finetune
+    from keras_oneimage.training import TimeBudget
+
+    if not fv.source:
+        raise UsageError("--source is required (a checkpoint, an exported model, or 'random')")
+    for flag in ("output", "save"):  # checked before training, not after
+        value = getattr(fv, flag)
+        if value:
+            parent = os.path.dirname(os.path.abspath(value))
+            if os.path.isdir(value) or not os.path.isdir(parent):
+                raise UsageError(f"--{flag}={value!r}: expected a file path in an existing directory")
+    if fv.save and not fv.save.endswith(".keras"):
+        raise UsageError(f"--save={fv.save!r}: the file name must end in .keras")
+    callbacks = [TimeBudget(fv.max_minutes)] if fv.max_minutes is not None else None
+    result = finetune(
+        fv.source,
+        fv.dataset,
+        freeze=_split_list(fv.freeze),
+        epochs=fv.epochs,
+        batch_size=fv.batch_size,
+        learning_rate=fv.learning_rate,
+        image_size=fv.image_size,
+        max_per_class=fv.max_per_class,
+        seed=fv.seed,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    val = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
+    print(f"frozen {','.join(result.frozen) or 'nothing'} from {result.source}: "
+          f"test accuracy {100 * result.test_accuracy:.2f}%, val {val}, {result.epochs_run} epochs, "
+          f"{result.images_seen:,} images seen")
+    if fv.output:
+        with open(fv.output, "w") as fh:
+            json.dump(result.as_dict(), fh, indent=2)
+    if fv.save:
+        result.model.save(fv.save)
     return 0
 
 
@@ -241,6 +308,8 @@ COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[fla
     "fit": ("train a self-supervised method on one image", _fit_flags, _fit),
     "probe": ("per-layer linear-probe accuracy of a trained trunk", _probe_flags, _probe),
     "export": ("export frozen early layers as a TF Serving SavedModel", _export_flags, _export),
+    "finetune": ("train a classifier on a labelled set with early layers frozen (paper Table 4)",
+                 _finetune_flags, _finetune),
     "serve": ("serve an exported model over TF Serving's REST API", _serve_flags, _serve),
     "tune": ("Keras Tuner search over augmentation strength, scored by probes", _tune_flags, _tune),
 }

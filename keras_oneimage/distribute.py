@@ -240,7 +240,7 @@ def per_replica_batch_size(global_batch: int, strategy: tf.distribute.Strategy |
     return global_batch // replicas
 
 
-def patch_dataset_fn(images, *, image_size: int, batch_size: int, augment=None, seed: int = 0
+def patch_dataset_fn(images, *, image_size: int, batch_size: int, augment=None, seed: int = 0, start_step: int = 0
                      ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """The ``dataset_fn`` for ``strategy.distribute_datasets_from_function``: one seeded shard per pipeline.
 
@@ -257,13 +257,14 @@ def patch_dataset_fn(images, *, image_size: int, batch_size: int, augment=None, 
             seed=seed,
             num_shards=input_context.num_input_pipelines,
             shard_index=input_context.input_pipeline_id,
+            start_step=start_step,
         )
 
     return dataset_fn
 
 
 def distribute_patches(images, *, image_size: int, batch_size: int, augment=None, seed: int = 0,
-                       strategy: tf.distribute.Strategy | None = None):
+                       strategy: tf.distribute.Strategy | None = None, start_step: int = 0):
     """The patch stream of `fit` under ``strategy``: a distributed dataset ``model.fit`` accepts as is.
 
     ``batch_size`` is the global batch (a multiple of the replica count). Pipeline ``i`` of ``n`` (one per
@@ -272,7 +273,8 @@ def distribute_patches(images, *, image_size: int, batch_size: int, augment=None
     strategy = current_strategy(strategy)
     per_replica_batch_size(batch_size, strategy)
     return strategy.distribute_datasets_from_function(
-        patch_dataset_fn(images, image_size=image_size, batch_size=batch_size, augment=augment, seed=seed)
+        patch_dataset_fn(images, image_size=image_size, batch_size=batch_size, augment=augment, seed=seed,
+                         start_step=start_step)
     )
 
 

@@ -24,6 +24,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -255,6 +256,46 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.failure is None:
             super().on_epoch_end(epoch, logs)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop training once ``minutes`` of wall-clock time have passed since ``on_train_begin``.
+
+    It stops after the batch running at the deadline; that epoch then ends as usual (history, checkpoint and
+    backup are written), so a budgeted run is a normal, resumable run. ``steps`` counts the batches trained.
+    """
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0:
+            raise InputError(f"max_minutes must be a positive number, got {minutes!r}")
+        self.minutes = float(minutes)
+        self.steps = 0
+        self.start: float | None = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if time.monotonic() - self.start >= 60.0 * self.minutes:
+            self.model.stop_training = True
+
+
+def completed_epochs(output_dir: str | os.PathLike | None) -> int:
+    """Epochs a previous run in ``output_dir`` committed to its backup (0 for a fresh run).
+
+    `fit` starts the patch stream at ``completed_epochs * steps_per_epoch`` so that a resumed run sees the same
+    patches as an uninterrupted one.
+    """
+    if output_dir is None:
+        return 0
+    path = pathlib.Path(output_dir) / BACKUP_DIR / "training_metadata.json"
+    try:
+        return max(0, int(json.loads(path.read_text())["epoch"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _weights_fingerprint(model: keras.Model) -> float:

@@ -385,13 +385,14 @@ def train_method(
     callbacks: Sequence[Any] | None = None,
     verbose: str | int = 0,
     method_options: Mapping[str, Any] | None = None,
+    precision: str = "float32",
 ):
     """`keras_oneimage.fit`'s training core, with AlexNet ``widths`` and a separate patch-stream seed.
 
     ``images``: anything :func:`~keras_oneimage.data.images.load_images` accepts (decoded arrays are cheapest).
     ``seed`` seeds the weights; ``stream_seed`` (default ``seed``) the patch stream. With ``output_dir`` the run
     checkpoints every epoch and a rerun resumes after the last completed epoch (as `fit`), but no ``run.json`` is
-    written. Returns the trained method model.
+    written. ``precision`` is `fit`'s (``"auto"``: bf16 on AMX CPUs). Returns the trained method model.
     """
     import keras
 
@@ -400,9 +401,9 @@ def train_method(
     from keras_oneimage.data.images import load_images
     from keras_oneimage.data.synthetic import patch_dataset
     from keras_oneimage.methods import registry
-    from keras_oneimage.methods.base import FitContext
+    from keras_oneimage.methods.base import FitContext, precision_scope, resolve_precision
     from keras_oneimage.models.alexnet import AlexNet
-    from keras_oneimage.training import run_training
+    from keras_oneimage.training import completed_epochs, run_training
 
     image_size = api._positive_int("image_size", image_size)
     batch_size = api._positive_int("batch_size", batch_size)
@@ -413,13 +414,15 @@ def train_method(
     augment = AugmentConfig() if augment is None else augment
     sources = load_images(images)
     stream_seed = int(seed if stream_seed is None else stream_seed)
+    resolve_precision(precision)  # validated before anything is built
 
     keras.utils.set_random_seed(int(seed))
     backbone_kwargs = dict(getattr(method_cls, "backbone_options", {}))
     if widths is not None:
         backbone_kwargs["widths"] = tuple(widths)
-    backbone = AlexNet(variant=variant, image_size=image_size, **backbone_kwargs)
-    model = method_cls(backbone=backbone, **dict(method_options or {}))
+    with precision_scope(precision):
+        backbone = AlexNet(variant=variant, image_size=image_size, **backbone_kwargs)
+        model = method_cls(backbone=backbone, **dict(method_options or {}))
     context = FitContext(
         images=sources, image_size=image_size, batch_size=batch_size, seed=stream_seed, augment=augment,
         steps_per_epoch=steps_per_epoch, epochs=epochs, output_dir=None if output_dir is None else str(output_dir),
@@ -429,7 +432,7 @@ def train_method(
         dataset = make_dataset(context)
     else:
         dataset = patch_dataset(sources, image_size=image_size, batch_size=batch_size, augment=augment,
-                                seed=stream_seed)  # fmt: skip
+                                seed=stream_seed, start_step=completed_epochs(output_dir) * steps_per_epoch)
     run_training(
         model, dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
         output_dir=None if output_dir is None else str(output_dir), callbacks=list(callbacks or []),
@@ -463,6 +466,8 @@ class _Settings:
     probe_batch_size: int
     method_options: Mapping[str, Any]
     base_augment: Any
+    precision: str = "float32"
+    probe_augment: bool = True
 
 
 def _stream_seed(seed: int, initial_epoch: int) -> int:
@@ -511,13 +516,13 @@ class AugmentationTuner(keras_tuner.Tuner):
                 batch_size=s.batch_size, epochs=epochs, steps_per_epoch=s.steps_per_epoch, seed=s.seed,
                 stream_seed=_stream_seed(s.seed, initial_epoch), widths=s.widths, variant=s.variant,
                 output_dir=run_dir, verbose=2 if self.oracle.verbose == 2 else 0,
-                method_options=s.method_options,
+                method_options=s.method_options, precision=s.precision,
             )  # fmt: skip
         except NonFiniteLossError as exc:
             raise keras_tuner.errors.FailedTrialError(str(exc)) from None
         scores = _probe_val(
             model.backbone, self.data, layers=self.probe_objective.layers, epochs=s.probe_epochs,
-            batch_size=s.probe_batch_size, seed=s.seed, verbose=0,
+            batch_size=s.probe_batch_size, seed=s.seed, verbose=0, augment=s.probe_augment,
         )  # fmt: skip
         metrics = {f"val_{layer}": float(acc) for layer, acc in scores.items()}
         metrics[self.probe_objective.name] = self.probe_objective.value(scores)
@@ -646,7 +651,7 @@ class TuneResult:
             list(s.images), method=s.method, augment=self.best_augment, image_size=s.image_size,
             batch_size=s.batch_size, epochs=epochs, steps_per_epoch=int(steps_per_epoch or s.steps_per_epoch),
             seed=s.seed if seed is None else int(seed), widths=s.widths, variant=s.variant, output_dir=output_dir,
-            verbose=verbose, method_options=s.method_options,
+            verbose=verbose, method_options=s.method_options, precision=s.precision,
         )  # fmt: skip
 
     def table(self) -> str:
@@ -754,6 +759,8 @@ def tune(
     keep_backups: bool | None = None,
     overwrite: bool = False,
     verbose: int = 1,
+    precision: str = "float32",
+    probe_augment: bool = True,
 ) -> TuneResult:
     """Search the augmentation recipe with Keras Tuner; each trial is scored by val-split linear probes.
 
@@ -784,6 +791,9 @@ def tune(
       keep_backups: keep each trial's resume state after it completes (default: only for Hyperband, whose
         promoted trials continue from it).
       verbose: 0 silent, 1 Keras Tuner's per-trial report and the summary table, 2 also training progress.
+      precision: each trial's training precision, as `fit`'s (``"auto"``: bf16 on AMX CPUs).
+      probe_augment: the trial probes' protocol (``False``: cached taps, the trunk runs once per image; see
+        :func:`keras_oneimage.probes.probe`).
 
     Returns:
       A :class:`TuneResult`.
@@ -794,6 +804,7 @@ def tune(
     from keras_oneimage.data.labelled import LabelledData, load_labelled
     from keras_oneimage.methods import registry
     from keras_oneimage.models.alexnet import AlexNet
+    from keras_oneimage.methods.base import resolve_precision
 
     # 1. Validate everything before anything is trained or written.
     if algorithm not in ALGORITHMS:
@@ -886,6 +897,8 @@ def tune(
         "search_space": space_description(space),
         "probe_epochs": probe_epochs,
         "probe_batch_size": probe_batch_size,
+        **({"precision": resolve_precision(precision)} if resolve_precision(precision) != "float32" else {}),
+        **({} if probe_augment else {"probe_augment": False}),
         **({"hyperband_factor": hyperband_factor, "hyperband_iterations": hyperband_iterations}
            if algorithm == "hyperband" else {}),
     }  # fmt: skip
@@ -896,6 +909,7 @@ def tune(
         images=tuple(images), method=method, image_size=image_size, batch_size=batch_size, epochs=epochs,
         steps_per_epoch=steps_per_epoch, seed=seed, widths=widths, variant=variant, probe_epochs=probe_epochs,
         probe_batch_size=probe_batch_size, method_options=method_options, base_augment=augment,
+        precision=resolve_precision(precision), probe_augment=bool(probe_augment),
     )  # fmt: skip
     kt_objective = keras_tuner.Objective(probe_objective.name, direction="max")
     common = dict(objective=kt_objective, hyperparameters=hyperparameters_for(space), seed=seed,

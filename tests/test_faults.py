@@ -302,6 +302,20 @@ def finished_run(image, tmp_path_factory):
     return out, ended
 
 
+def test_a_resumed_run_sees_the_same_patches_as_an_uninterrupted_one(finished_run, image, tmp_path):
+    """1 epoch, stop, rerun to 2 epochs: the patch stream continues at step 1 (not step 0), so the weights end
+    bit-identical to the uninterrupted 2-epoch run's."""
+    _, uninterrupted = finished_run
+    out = tmp_path / "run"
+    api.fit(image, method=TINY, image_size=32, batch_size=4, epochs=1, steps_per_epoch=1, output_dir=out, verbose=0)
+    lines: list[str] = []
+    api.fit(image, method=TINY, image_size=32, batch_size=4, epochs=2, steps_per_epoch=1, output_dir=out,
+            verbose=0, callbacks=[Fingerprints(lines.append)])
+    ended = {e: f for kind, e, f in events("\n".join(lines)) if kind == "end"}
+    assert list(ended) == [1]
+    assert ended[1] == uninterrupted[1]
+
+
 def restored_weights(image: str, out: pathlib.Path) -> tuple[str, list[int]]:
     """Rerun with epochs=1: nothing trains when epoch 1 is restored; returns (restored weights, epochs trained)."""
     lines: list[str] = []

@@ -457,6 +457,52 @@ def test_export_rejects_bad_input_cli(trained, artefacts, tmp_path, capsys, flag
     assert _versions(tmp_path / "models") == []
 
 
+# --------------------------------------------------------------------------------------------------- finetune
+def test_finetune_cli_trains_with_frozen_layers_and_writes_its_outputs(trained, artefacts, tmp_path, capsys):
+    import json
+
+    import keras
+
+    from keras_oneimage.checkpoints import backbone_of, load_checkpoint
+
+    rc, out, err = run_cli(capsys, "finetune", f"--source={trained}", f"--dataset={artefacts['dataset']}",
+                           "--epochs=2", "--batch_size=4", f"--output={tmp_path / 'r.json'}",
+                           f"--save={tmp_path / 'clf.keras'}")
+    assert rc == 0, err
+    assert "test accuracy" in out and "frozen conv1,conv2" in out
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["frozen"] == ["conv1", "conv2"] and summary["epochs_run"] == 2
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    source = backbone_of(load_checkpoint(trained)[0])
+    tuned = keras.saving.load_model(tmp_path / "clf.keras").backbone
+    for tap in ("conv1", "conv2"):  # frozen: bit-identical to the source
+        np.testing.assert_array_equal(getattr(tuned, tap).conv.kernel.numpy(), getattr(source, tap).conv.kernel.numpy())
+    assert not np.array_equal(tuned.conv3.conv.kernel.numpy(), source.conv3.conv.kernel.numpy())
+
+
+@pytest.mark.parametrize(
+    "flags_, fragment",
+    [*[([f"--source={{{name}}}"], frag) for name, frag in CHECKPOINT_CASES],
+     (["--source="], "--source is required"),
+     (["--freeze=conv1,conv9"], "conv9"),
+     (["--epochs=0"], "epochs"),
+     (["--max_minutes=0"], "max_minutes"),
+     (["--dataset={dataset}/nope"], "neither"),
+     (["--output={dataset}/no_such_dir/r.json"], "--output"),
+     (["--save={dataset}/clf.h5"], ".keras")],
+    ids=[c[0] for c in CHECKPOINT_CASES] + ["no_source", "unknown_tap", "zero_epochs", "zero_minutes",
+                                            "dataset_missing", "output_in_missing_dir", "save_not_keras"],
+)
+def test_finetune_rejects_bad_input_cli(trained, artefacts, capsys, flags_, fragment):
+    flags_ = _fill(flags_, artefacts)
+    given = {f.split("=", 1)[0] for f in flags_}
+    defaults = [f for f in (f"--source={trained}", f"--dataset={artefacts['dataset']}", "--epochs=1",
+                            "--batch_size=4") if f.split("=", 1)[0] not in given]
+    rc, out, err = run_cli(capsys, "finetune", *defaults, *flags_)
+    assert_cli_error(rc, err, "finetune", _fill(fragment, artefacts))
+    assert "accuracy" not in out
+
+
 # ------------------------------------------------------------------------------------------------------ serve
 SERVE_CASES = [
     ("base_path_missing", ["--model_base_path={serve_missing}"], {"model_base_path": "{serve_missing}"},

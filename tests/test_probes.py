@@ -9,7 +9,7 @@ import tensorflow as tf
 from keras_oneimage.data.labelled import from_arrays
 from keras_oneimage.errors import InputError
 from keras_oneimage.models import AlexNet
-from keras_oneimage.probes import ProbeCallback, knn_predict, knn_probe, pooling_for, pooling_table, probe, probe_val
+from keras_oneimage.probes import ProbeCallback, knn_predict, knn_probe, pooling_for, pooling_table, probe, probe_splits, probe_val
 from keras_oneimage.probes.linear import TAPS, step_schedule
 
 TINY = (8, 8, 8, 8, 8)  # AlexNet widths small enough for a 2-core CPU
@@ -174,6 +174,45 @@ def test_probe_val_scores_the_val_split():
     assert set(probe_val(tiny_alexnet(), data, layers=("conv1",), epochs=1, verbose=0)) == {"conv1"}
     with pytest.raises(InputError, match="val"):
         probe_val(tiny_alexnet(), data, split="test")
+
+
+def test_cached_probes_run_the_trunk_once_per_image_and_still_separate():
+    data = colour_set(n_train=60, n_test=30)
+    net = tiny_alexnet(CountingAlexNet)
+    scores = probe(net, data, epochs=4, batch_size=16, learning_rate=0.05, verbose=0, augment=False)
+    assert all(acc >= 0.95 for acc in scores.values()), scores
+    # one pass over train (not one per epoch) and one over test
+    assert int(net.passes.numpy()) == math.ceil(data.train_size / 16) + math.ceil(data.test_size / 16)
+    again = probe(tiny_alexnet(), data, epochs=4, batch_size=16, learning_rate=0.05, verbose=0, augment=False)
+    assert scores == pytest.approx(again, abs=1e-6)
+
+
+def test_cached_probes_rank_an_oriented_conv1_above_a_random_one():
+    data = grating_set()
+    random_kernel = np.random.default_rng(1).normal(0, math.sqrt(2 / 75), (5, 5, 3, 8)).astype(np.float32)
+    scores = {}
+    for name, kernel in (("oriented", gabor_bank()), ("random", random_kernel)):
+        net = tiny_alexnet()
+        net.conv1.conv.kernel.assign(kernel)
+        scores[name] = probe(net, data, layers=("conv1",), epochs=6, batch_size=32, learning_rate=0.05,
+                             verbose=0, augment=False)
+    assert scores["oriented"]["conv1"] > scores["random"]["conv1"] + 0.1, scores
+
+
+def test_probe_splits_trains_once_and_matches_one_probe_per_split():
+    data = colour_set(n_train=40, n_test=12)
+    options = dict(layers=("conv1", "conv4"), epochs=2, batch_size=8, seed=5, verbose=0)
+    net = tiny_alexnet(CountingAlexNet)
+    both = probe_splits(net, data, ("val", "test"), **options)
+    train_batches = 2 * math.ceil(data.train_size / 8)
+    eval_batches = math.ceil(data.size("val") / 8) + math.ceil(data.test_size / 8)
+    assert int(net.passes.numpy()) == train_batches + eval_batches  # one training for both splits
+    assert both["val"] == pytest.approx(probe(net, data, split="val", **options), abs=1e-6)
+    assert both["test"] == pytest.approx(probe(net, data, split="test", **options), abs=1e-6)
+    with pytest.raises(InputError, match="splits"):
+        probe_splits(net, data, ("train",), **options)
+    with pytest.raises(InputError, match="splits="):
+        probe_splits(net, data, split="val")
 
 
 @pytest.mark.parametrize(

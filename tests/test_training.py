@@ -12,7 +12,7 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.methods.base import FitContext
 from keras_oneimage.methods.rotnet import RotNet, rotation_loss
 from keras_oneimage.models import AlexNet
-from keras_oneimage.training import NonFiniteLossError, configure_threads, run_training
+from keras_oneimage.training import NonFiniteLossError, TimeBudget, completed_epochs, configure_threads, run_training
 
 TINY = (4, 8, 8, 8, 8)
 SIZE = 32
@@ -177,3 +177,21 @@ def test_configure_threads():
     assert configure_threads(intra_op=current) is True
     with pytest.warns(UserWarning, match="already initialised"):
         assert configure_threads(intra_op=current + 3) is False
+
+
+def test_time_budget_stops_after_the_batch_at_the_deadline_and_saves_the_epoch(data, tmp_path):
+    budget = TimeBudget(1e-9)  # already over after the first batch
+    history = run_training(_rotnet(0), data, epochs=3, steps_per_epoch=4, output_dir=tmp_path / "run",
+                           callbacks=[budget], verbose=0)
+    assert budget.steps == 1
+    assert history.epoch == [0]
+    assert _epochs_in_csv(tmp_path / "run" / "history.csv") == [0]
+    assert (tmp_path / "run" / "model.keras").is_file()
+    assert completed_epochs(tmp_path / "run") == 1
+    assert completed_epochs(tmp_path / "nothing_here") == 0
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0, "5", True])
+def test_time_budget_rejects_bad_values(minutes):
+    with pytest.raises(InputError, match="max_minutes"):
+        TimeBudget(minutes)

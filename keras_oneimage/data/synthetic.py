@@ -76,7 +76,7 @@ def batch_function(images, *, image_size: int = 64, batch_size: int = 64, augmen
 
 
 def patch_dataset(images, *, image_size: int = 64, batch_size: int = 64, augment: AugmentConfig | None = None,
-                  seed: int = 0, num_shards: int = 1, shard_index: int = 0) -> tf.data.Dataset:
+                  seed: int = 0, num_shards: int = 1, shard_index: int = 0, start_step: int = 0) -> tf.data.Dataset:
     """Infinite ``tf.data.Dataset`` of augmented patch batches, ``float32 (B, S, S, 3)`` in ``[0, 1]``.
 
     Args:
@@ -87,11 +87,14 @@ def patch_dataset(images, *, image_size: int = 64, batch_size: int = 64, augment
       seed: the same seed gives the same stream.
       num_shards, shard_index: give each worker of a multi-worker run its own shard of a stream that
         differs from the other shards'.
+      start_step: the index of the first batch. Batch ``i`` depends only on ``(seed, shard_index, i)``, so a run
+        resumed after ``k`` steps continues the same stream with ``start_step=k`` (nothing is rendered to skip).
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
         raise InputError(f"seed must be a 64-bit integer, got {seed!r}")
     num_shards = _positive_int("num_shards", num_shards)
     shard_index = _positive_int("shard_index", shard_index, 0)
+    start_step = _positive_int("start_step", start_step, 0)
     if shard_index >= num_shards:
         raise InputError(f"shard_index must be < num_shards ({num_shards}), got {shard_index}")
     render, _ = batch_function(images, image_size=image_size, batch_size=batch_size, augment=augment)
@@ -102,7 +105,7 @@ def patch_dataset(images, *, image_size: int = 64, batch_size: int = 64, augment
 
     options = tf.data.Options()
     options.deterministic = True
-    return (tf.data.Dataset.range(np.iinfo(np.int64).max)
+    return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
             .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
             .with_options(options))
