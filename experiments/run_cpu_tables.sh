@@ -2,7 +2,7 @@
 # Every CPU-scale result in experiments/RESULTS.md, in the order it was run on the 2-core machine (2026-11-26).
 # Each step is resumable (finished rows/configurations are skipped), so the script can be rerun after a stop.
 #
-#   bash experiments/run_cpu_tables.sh            # all of it: about 2 hours on 2 cores
+#   bash experiments/run_cpu_tables.sh            # all of it: about 2.5 hours on 2 cores
 #   STEPS="paper e2e" bash experiments/run_cpu_tables.sh
 #
 # Scale (the paper's is in brackets): 32 px patches [224], 5 minutes of training per method row [hundreds of
@@ -14,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 CLI=${CLI:-.venv/bin/keras-oneimage}
 IMAGES=../shared/data/images
 OUT=experiments/outputs
-STEPS=${STEPS:-"probe_lr paper e2e transfer ablation tune report"}
+STEPS=${STEPS:-"probe_lr paper e2e ablation tune transfer report"}
 mkdir -p "$OUT/logs"
 
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -48,22 +48,23 @@ if has e2e && [ ! -f "$OUT/e2e/probe.json" ]; then
       --max_per_class 1000 --split test --output "$OUT/e2e/probe.json"
 fi
 
-# 4. Table 4: fine-tuning with conv1-2 frozen from a single-image RotNet, random, supervised; and from scratch.
-if has transfer; then
-  $PY experiments/transfer_table.py --rotnet_checkpoint "$OUT/e2e/run" --max_per_class 500 --epochs 4 \
-      --train_minutes 4
-fi
-
-# 5. The augmentation ablation (RotNet, Image A): remove one component at a time, add one at a time.
+# 4. The augmentation ablation (RotNet, Image A): remove one component at a time, add one at a time.
 if has ablation; then
-  $PY experiments/ablation.py --epochs 2 --steps_per_epoch 100 --precision auto $PROBE
+  $PY experiments/ablation.py --epochs 1 --steps_per_epoch 100 --precision auto --probe_epochs 36 --probe_lr "$LR" \
+      --probe_augment 0 --max_per_class 500
 fi
 
-# 6. A tuned search on the validation split, then the best recipe against the paper's on test.
+# 5. A tuned search on the validation split, then the best recipe against the paper's on test.
 if has tune; then
-  $PY experiments/tune_cifar.py --algorithm bayesian --max_trials 6 --epochs 2 --steps_per_epoch 100 \
-      --trial_probe_epochs 36 --refit_epochs 4 --final_probe_epochs 36 --precision auto --probe_augment 0 \
-      --probe_lr "$LR" --max_per_class 1000
+  $PY experiments/tune_cifar.py --algorithm bayesian --max_trials 5 --epochs 1 --steps_per_epoch 100 \
+      --trial_probe_epochs 36 --refit_epochs 2 --final_probe_epochs 36 --precision auto --probe_augment 0 \
+      --probe_lr "$LR" --max_per_class 500
+fi
+
+# 6. Table 4: fine-tuning with conv1-2 frozen from a single-image RotNet, random, supervised; and from scratch.
+if has transfer; then
+  $PY experiments/transfer_table.py --rotnet_checkpoint "$OUT/e2e/run" --max_per_class 500 --epochs 3 \
+      --train_minutes 3
 fi
 
 if has report; then

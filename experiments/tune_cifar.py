@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, search_space=parse_search_space(args.search_space),
             probe_epochs=args.trial_probe_epochs, probe_batch_size=args.probe_batch_size, widths=widths,
             method_options={} if head is None else {"head_widths": head}, verbose=1 if args.verbose == 0 else 2,
-            precision=args.precision, probe_augment=bool(args.probe_augment),
+            precision=args.precision, probe_augment=bool(args.probe_augment), probe_learning_rate=args.probe_lr,
         )  # fmt: skip
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

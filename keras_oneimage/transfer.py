@@ -36,12 +36,10 @@ import tensorflow as tf
 from keras_oneimage.checkpoints import backbone_of
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
+from keras_oneimage.methods.base import default_head_widths
 from keras_oneimage.models.alexnet import AlexNet
 
 TAPS = AlexNet.TAPS
-#: Classifier heads, as the RotNet heads: AlexNet's two 4096-wide layers at 224 px, 1024 for the small variant.
-IMAGENET_HEAD = (4096, 4096)
-CIFAR_HEAD = (1024, 1024)
 DEFAULT_FREEZE = ("conv1", "conv2")
 EXPORT_METADATA = "keras_oneimage.json"
 
@@ -66,7 +64,7 @@ class AlexNetClassifier(keras.Model):
         kwargs.setdefault("name", "alexnet_classifier")
         super().__init__(**kwargs)
         if head_widths is None:
-            head_widths = IMAGENET_HEAD if getattr(backbone, "variant", "cifar") == "imagenet" else CIFAR_HEAD
+            head_widths = default_head_widths(backbone)  # as the RotNet and DeepCluster heads
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.head_widths = tuple(int(w) for w in head_widths)

@@ -468,6 +468,7 @@ class _Settings:
     base_augment: Any
     precision: str = "float32"
     probe_augment: bool = True
+    probe_learning_rate: float | None = None
 
 
 def _stream_seed(seed: int, initial_epoch: int) -> int:
@@ -523,6 +524,7 @@ class AugmentationTuner(keras_tuner.Tuner):
         scores = _probe_val(
             model.backbone, self.data, layers=self.probe_objective.layers, epochs=s.probe_epochs,
             batch_size=s.probe_batch_size, seed=s.seed, verbose=0, augment=s.probe_augment,
+            **({} if s.probe_learning_rate is None else {"learning_rate": s.probe_learning_rate}),
         )  # fmt: skip
         metrics = {f"val_{layer}": float(acc) for layer, acc in scores.items()}
         metrics[self.probe_objective.name] = self.probe_objective.value(scores)
@@ -761,6 +763,7 @@ def tune(
     verbose: int = 1,
     precision: str = "float32",
     probe_augment: bool = True,
+    probe_learning_rate: float | None = None,
 ) -> TuneResult:
     """Search the augmentation recipe with Keras Tuner; each trial is scored by val-split linear probes.
 
@@ -794,6 +797,7 @@ def tune(
       precision: each trial's training precision, as `fit`'s (``"auto"``: bf16 on AMX CPUs).
       probe_augment: the trial probes' protocol (``False``: cached taps, the trunk runs once per image; see
         :func:`keras_oneimage.probes.probe`).
+      probe_learning_rate: the trial probes' SGD rate (default: the probe module's, the paper's 0.01).
 
     Returns:
       A :class:`TuneResult`.
@@ -899,6 +903,7 @@ def tune(
         "probe_batch_size": probe_batch_size,
         **({"precision": resolve_precision(precision)} if resolve_precision(precision) != "float32" else {}),
         **({} if probe_augment else {"probe_augment": False}),
+        **({} if probe_learning_rate is None else {"probe_learning_rate": float(probe_learning_rate)}),
         **({"hyperband_factor": hyperband_factor, "hyperband_iterations": hyperband_iterations}
            if algorithm == "hyperband" else {}),
     }  # fmt: skip
@@ -910,6 +915,7 @@ def tune(
         steps_per_epoch=steps_per_epoch, seed=seed, widths=widths, variant=variant, probe_epochs=probe_epochs,
         probe_batch_size=probe_batch_size, method_options=method_options, base_augment=augment,
         precision=resolve_precision(precision), probe_augment=bool(probe_augment),
+        probe_learning_rate=None if probe_learning_rate is None else float(probe_learning_rate),
     )  # fmt: skip
     kt_objective = keras_tuner.Objective(probe_objective.name, direction="max")
     common = dict(objective=kt_objective, hyperparameters=hyperparameters_for(space), seed=seed,

@@ -113,7 +113,7 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
     keras.utils.set_random_seed(0)
     k, epochs, steps, batch = 10, 3, 48, 32
     model = DeepCluster(AlexNet("cifar", 32, sobel=True, widths=(32, 64, 64, 64, 32)), num_clusters=k,
-                        pool_size=512, kmeans_iterations=10)
+                        pool_size=512, kmeans_iterations=10, head_widths=(128,))
     context = FitContext(images=[load_image(image_a_path)], image_size=32, batch_size=batch, seed=0, augment=None,
                          steps_per_epoch=steps, epochs=epochs, output_dir=None)
     data = model.make_dataset(context)
@@ -128,8 +128,8 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
 
     assert np.all(np.isfinite(history["loss"]))
     acc = history["accuracy"]
-    # the pseudo-labels become learnable: accuracy rises from chance (1/k) over the first epochs
-    assert acc[-1] > acc[0] + 0.1 and acc[-1] > 2.5 / k, acc
+    # the pseudo-labels become learnable: accuracy rises epoch after epoch, to well above chance (1/k)
+    assert all(b > a for a, b in zip(acc, acc[1:])) and acc[-1] > 2.5 / k, acc
     # NMI between successive assignments: 0 at the first epoch (vs the one-cluster start), then a proper NMI
     nmi = history["nmi"]
     assert len(nmi) == epochs and nmi[0] == 0.0
@@ -148,7 +148,8 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
     # model.keras round trip (the pool is not part of the checkpoint)
     x = tf.cast(model._state.pool[:4], tf.float32) / 255.0
     model.save(tmp_path / "dc.keras")
-    assert (tmp_path / "dc.keras").stat().st_size < pool.nbytes
+    state_bytes = sum(np.asarray(v).nbytes for v in [*model.weights, *model.optimizer.variables])
+    assert (tmp_path / "dc.keras").stat().st_size < state_bytes + pool.nbytes // 2  # weights yes, pool no
     loaded = keras.saving.load_model(tmp_path / "dc.keras")
     assert isinstance(loaded, DeepCluster) and loaded.num_clusters == k and loaded.backbone.sobel
     np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=1e-4, atol=1e-4)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -37,7 +38,14 @@ import tensorflow as tf
 
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import kmeans as kmeans_lib
-from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
+from keras_oneimage.methods.base import (
+    FitContext,
+    SelfSupervisedMethod,
+    check_head_widths,
+    default_head_widths,
+    mlp_head,
+    unpack_patches,
+)
 from keras_oneimage.methods.registry import register
 
 #: Clusters. Caron et al. use k = 10,000 for 1.28M ImageNet images (≈128 images per cluster, §5.1 finds
@@ -107,12 +115,15 @@ class DeepCluster(SelfSupervisedMethod):
     """DeepCluster on an AlexNet ``backbone`` built with ``sobel=True`` (see ``backbone_options``).
 
     Args:
-        backbone: the trunk; its pooled conv5 map, flattened, is both the clustered feature and the head's input.
+        backbone: the trunk; its pooled conv5 map, flattened, is both the clustered feature and the MLP head's input.
         num_clusters: k of k-means (default 100, see ``DEFAULT_NUM_CLUSTERS``).
         pool_size: patches drawn once and re-clustered every epoch (default 10,000).
         pca_dim: PCA-whitening dimension before k-means (256, Caron et al. §4).
         kmeans_iterations: Lloyd iterations per epoch (20, as DeepCluster).
         feature_batch_size: batch size of the feature extraction pass.
+        head_widths: hidden widths of the classifier MLP between the trunk and the re-initialised top layer
+            (Caron et al.'s fc6-fc7; default ``(1024, 1024)`` for the "cifar" AlexNet, ``(4096, 4096)`` for
+            "imagenet"; ``()`` puts the top layer straight on the trunk, which overshoots at lr 0.05).
     """
 
     #: `fit` builds the backbone with these options: DeepCluster sees Sobel gradients, not colour.
@@ -126,6 +137,7 @@ class DeepCluster(SelfSupervisedMethod):
         pca_dim: int = DEFAULT_PCA_DIM,
         kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
         feature_batch_size: int = 256,
+        head_widths: Sequence[int] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("name", "deepcluster")
@@ -146,18 +158,10 @@ class DeepCluster(SelfSupervisedMethod):
         self.pca_dim = int(pca_dim)
         self.kmeans_iterations = int(kmeans_iterations)
         self.feature_batch_size = int(feature_batch_size)
-        self.head = keras.Sequential(
-            [
-                keras.layers.Flatten(name="flatten"),
-                keras.layers.Dense(
-                    self.num_clusters,
-                    kernel_initializer=keras.initializers.RandomNormal(stddev=HEAD_INIT_STDDEV),
-                    dtype="float32",  # float32 logits under mixed precision
-                    name="logits",
-                ),
-            ],
-            name="head",
-        )
+        self.head_widths = check_head_widths(default_head_widths(backbone) if head_widths is None else head_widths)
+        # The MLP (fc6-fc7 in Caron et al.'s AlexNet) persists across epochs; only its top layer is re-initialised.
+        self.head = mlp_head(self.head_widths, self.num_clusters, dtype=self.dtype_policy,
+                             output_initializer=keras.initializers.RandomNormal(stddev=HEAD_INIT_STDDEV))
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._state: _PoolState | None = None  # device variables, created by make_dataset
@@ -319,6 +323,7 @@ class DeepCluster(SelfSupervisedMethod):
             "pca_dim": self.pca_dim,
             "kmeans_iterations": self.kmeans_iterations,
             "feature_batch_size": self.feature_batch_size,
+            "head_widths": list(self.head_widths),
         }
 
 

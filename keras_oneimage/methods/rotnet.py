@@ -12,17 +12,19 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from keras_oneimage.errors import InputError
-from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
+from keras_oneimage.methods.base import (
+    CIFAR_HEAD,
+    IMAGENET_HEAD,
+    SelfSupervisedMethod,
+    check_head_widths,
+    default_head_widths,
+    mlp_head,
+    unpack_patches,
+)
 from keras_oneimage.methods.registry import register
-from keras_oneimage.models.alexnet import FusedBatchNormalization
 
 NUM_ROTATIONS = 4
-#: Gidaris et al. 2018 put two 4096-wide fully connected layers on AlexNet's conv5 (as in AlexNet's classifier).
-IMAGENET_HEAD = (4096, 4096)
-#: For the small "cifar" AlexNet (4x4x256 conv5 map) a 1024-wide head trains faster on a CPU and is plenty
-#: for a 4-way task; a documented departure from the paper's head.
-CIFAR_HEAD = (1024, 1024)
+__all__ = ["CIFAR_HEAD", "IMAGENET_HEAD", "NUM_ROTATIONS", "RotNet", "rotate_batch", "rotation_loss"]
 
 
 def rotate_batch(patches: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -56,23 +58,8 @@ class RotNet(SelfSupervisedMethod):
     def __init__(self, backbone: keras.Model, head_widths: Sequence[int] | None = None, **kwargs):
         kwargs.setdefault("name", "rotnet")
         super().__init__(backbone, **kwargs)
-        if head_widths is None:
-            head_widths = IMAGENET_HEAD if getattr(backbone, "variant", "cifar") == "imagenet" else CIFAR_HEAD
-        head_widths = tuple(int(w) for w in head_widths)
-        if any(w < 1 for w in head_widths):
-            raise InputError(f"head_widths must be positive integers, got {head_widths!r}")
-        self.head_widths = head_widths
-        dtype = self.dtype_policy  # the head computes like the method (a policy scope, or the saved config)
-        layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten", dtype=dtype)]
-        for i, width in enumerate(head_widths, start=1):
-            layers += [
-                keras.layers.Dense(width, use_bias=False, name=f"fc{i}", dtype=dtype),
-                FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"fc{i}_bn", dtype=dtype),
-                keras.layers.ReLU(name=f"fc{i}_relu", dtype=dtype),
-            ]
-        # Logits in float32 even under a mixed-precision policy, so the softmax cross-entropy is stable.
-        layers.append(keras.layers.Dense(NUM_ROTATIONS, dtype="float32", name="logits"))
-        self.head = keras.Sequential(layers, name="head")
+        self.head_widths = check_head_widths(default_head_widths(backbone) if head_widths is None else head_widths)
+        self.head = mlp_head(self.head_widths, NUM_ROTATIONS, dtype=self.dtype_policy)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="rotation_accuracy")
         self.loss_fn = rotation_loss
