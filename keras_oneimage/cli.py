@@ -41,6 +41,14 @@ def _augment_from_flags(fv: flags.FlagValues):
     return AugmentConfig(**overrides)
 
 
+def _check_output_file(flag: str, value: str | None) -> None:
+    """A ``--flag`` naming a file to write must be a file path in an existing directory (checked up front)."""
+    if value:
+        parent = os.path.dirname(os.path.abspath(value))
+        if os.path.isdir(value) or not os.path.isdir(parent):
+            raise UsageError(f"--{flag}={value!r}: expected a file path in an existing directory")
+
+
 def _split_list(value: str | None) -> list[str]:
     return [] if not value else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -128,10 +136,7 @@ def _probe(fv: flags.FlagValues) -> int:
         raise UsageError("--checkpoint is required")
     if not _split_list(fv.layers):
         raise UsageError("--layers must name at least one tap, e.g. --layers=conv1,conv2")
-    if fv.output:  # checked before the probes run, not after
-        parent = os.path.dirname(os.path.abspath(fv.output))
-        if os.path.isdir(fv.output) or not os.path.isdir(parent):
-            raise UsageError(f"--output={fv.output!r}: expected a file path in an existing directory")
+    _check_output_file("output", fv.output)  # before the probes run, not after
     options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split, "augment": fv.augment}
     if fv.learning_rate is not None:
         options["learning_rate"] = fv.learning_rate
@@ -203,11 +208,7 @@ def _finetune(fv: flags.FlagValues) -> int:
     if not fv.source:
         raise UsageError("--source is required (a checkpoint, an exported model, or 'random')")
     for flag in ("output", "save"):  # checked before training, not after
-        value = getattr(fv, flag)
-        if value:
-            parent = os.path.dirname(os.path.abspath(value))
-            if os.path.isdir(value) or not os.path.isdir(parent):
-                raise UsageError(f"--{flag}={value!r}: expected a file path in an existing directory")
+        _check_output_file(flag, getattr(fv, flag))
     if fv.save and not fv.save.endswith(".keras"):
         raise UsageError(f"--save={fv.save!r}: the file name must end in .keras")
     callbacks = [TimeBudget(fv.max_minutes)] if fv.max_minutes is not None else None

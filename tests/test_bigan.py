@@ -86,7 +86,7 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
     image = load_image(image_a_path)
     model = BiGAN(AlexNet("cifar", 32, widths=(16, 32, 32, 32, 16)), latent_dim=32, generator_width=16,
                   discriminator_width=16)
-    epochs, steps = 2, 12
+    epochs, steps = 24, 10
     context = FitContext(images=[image], image_size=32, batch_size=16, seed=0, augment=None,
                          steps_per_epoch=steps, epochs=epochs, output_dir=str(tmp_path))
     data = patch_dataset([image], image_size=32, batch_size=16, seed=0)
@@ -95,9 +95,12 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
 
     for key in ("d_loss", "eg_loss", "d_accuracy", "d_acc_real", "d_acc_fake"):
         assert len(history[key]) == epochs and np.all(np.isfinite(history[key])), key
-    # D quickly learns to tell real pairs from fake ones: its accuracy leaves chance (0.5)
-    assert max(history["d_accuracy"]) > 0.75, history
-    assert history["d_loss"][-1] < 2 * np.log(2), history  # below the loss of a D that guesses
+    # The game is contested: D's accuracy moves away from 0.5 (D wins for a while) and comes back as G and E
+    # catch up (with the default two time-scales; at equal rates D stays at 1.00 from epoch 2 on).
+    d_acc = history["d_accuracy"]
+    peak = int(np.argmax(d_acc))
+    assert d_acc[peak] > 0.85, d_acc
+    assert peak < epochs - 1 and min(d_acc[peak + 1:]) < d_acc[peak] - 0.2, d_acc
 
     # one sample grid per epoch, and it is a picture, not a constant
     for epoch in range(1, epochs + 1):

@@ -144,6 +144,18 @@ def test_trunk_is_frozen_and_results_are_reproducible():
     assert first == pytest.approx(second, abs=1e-6)
 
 
+def oriented_vs_random_conv1(**options) -> dict[str, dict[str, float]]:
+    """conv1 probe accuracy on oriented gratings of a tiny AlexNet whose conv1 is Gabors vs random kernels."""
+    data = grating_set()
+    random_kernel = np.random.default_rng(1).normal(0, math.sqrt(2 / 75), (5, 5, 3, 8)).astype(np.float32)
+    scores = {}
+    for name, kernel in (("oriented", gabor_bank()), ("random", random_kernel)):
+        net = tiny_alexnet()
+        net.conv1.conv.kernel.assign(kernel)
+        scores[name] = probe(net, data, layers=("conv1",), batch_size=32, learning_rate=0.05, verbose=0, **options)
+    return scores
+
+
 def test_trained_conv1_beats_a_random_conv1_on_orientation():
     """Same tiny AlexNet, conv1 set to oriented Gabors (as a trained conv1 looks) vs random He-normal kernels.
 
@@ -151,13 +163,7 @@ def test_trained_conv1_beats_a_random_conv1_on_orientation():
     statistic conv1 should capture. Honest about what is tested: the probe machinery ranks a conv1 with oriented
     filters above a random one; the Gabors are set by hand, not learned.
     """
-    data = grating_set()
-    random_kernel = np.random.default_rng(1).normal(0, math.sqrt(2 / 75), (5, 5, 3, 8)).astype(np.float32)
-    scores = {}
-    for name, kernel in (("oriented", gabor_bank()), ("random", random_kernel)):
-        net = tiny_alexnet()
-        net.conv1.conv.kernel.assign(kernel)
-        scores[name] = probe(net, data, layers=("conv1",), epochs=3, batch_size=32, learning_rate=0.05, verbose=0)
+    scores = oriented_vs_random_conv1(epochs=3)
     assert scores["oriented"]["conv1"] >= 0.85, scores
     assert scores["oriented"]["conv1"] > scores["random"]["conv1"] + 0.1, scores
 
@@ -188,14 +194,7 @@ def test_cached_probes_run_the_trunk_once_per_image_and_still_separate():
 
 
 def test_cached_probes_rank_an_oriented_conv1_above_a_random_one():
-    data = grating_set()
-    random_kernel = np.random.default_rng(1).normal(0, math.sqrt(2 / 75), (5, 5, 3, 8)).astype(np.float32)
-    scores = {}
-    for name, kernel in (("oriented", gabor_bank()), ("random", random_kernel)):
-        net = tiny_alexnet()
-        net.conv1.conv.kernel.assign(kernel)
-        scores[name] = probe(net, data, layers=("conv1",), epochs=6, batch_size=32, learning_rate=0.05,
-                             verbose=0, augment=False)
+    scores = oriented_vs_random_conv1(epochs=6, augment=False)
     assert scores["oriented"]["conv1"] > scores["random"]["conv1"] + 0.1, scores
 
 
