@@ -57,7 +57,7 @@ fi
 # 5. A tuned search on the validation split, then the best recipe against the paper's on test.
 if has tune; then
   $PY experiments/tune_cifar.py --algorithm bayesian --max_trials 4 --epochs 1 --steps_per_epoch 100 \
-      --trial_probe_epochs 36 --refit_epochs 2 --final_probe_epochs 36 --precision auto --probe_augment 0 \
+      --trial_probe_epochs 36 --refit_epochs 1 --final_probe_epochs 36 --precision auto --probe_augment 0 \
       --probe_lr "$LR" --max_per_class 500
 fi
 
