@@ -10,11 +10,12 @@ prints D's accuracy per epoch (overall, on real pairs, on fake pairs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ablation import write_json  # experiments/ablation.py: atomic JSON output
+
 HERE = pathlib.Path(__file__).resolve().parent
 IMAGE_A = HERE.parent.parent / "shared" / "data" / "images" / "image_a.jpg"
 
@@ -43,9 +44,7 @@ def main(argv=None) -> dict:
                                                                        "d_loss", "eg_loss")}
         for key in ("d_accuracy", "d_acc_real", "d_acc_fake"):
             print(f"D {pair:>11s} {key:10s} " + " ".join(f"{v:.2f}" for v in results[pair][key]), flush=True)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "per_epoch": results}, indent=2))
+    write_json(pathlib.Path(args.out), {"settings": vars(args), "per_epoch": results})
     return results
 
 

@@ -11,11 +11,12 @@ unit scale. This script prints the per-step loss of the first ``--steps`` steps 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ablation import write_json  # experiments/ablation.py: atomic JSON output
+
 HERE = pathlib.Path(__file__).resolve().parent
 IMAGE_A = HERE.parent.parent / "shared" / "data" / "images" / "image_a.jpg"
 
@@ -65,9 +66,7 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         if step < 8 or step % 4 == 0 or step == args.steps - 1:
             print(f"{step:4d} " + "".join(f"{losses[step]:12.3f}" for losses in results.values()))
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "loss_per_step": results}, indent=2))
+    write_json(pathlib.Path(args.out), {"settings": vars(args), "loss_per_step": results})
     return results
 
 

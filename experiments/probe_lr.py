@@ -11,13 +11,14 @@ with the best mean val accuracy over conv1..conv5 and both trunks wins; the tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ablation import write_json  # experiments/ablation.py: atomic JSON output
 
 HERE = pathlib.Path(__file__).resolve().parent
 IMAGE_A = HERE.parent.parent / "shared" / "data" / "images" / "image_a.jpg"
@@ -74,9 +75,7 @@ def main(argv=None) -> dict:
     results["chosen"] = max(means, key=means.get)
     print("mean val accuracy per rate:", {f"{r:g}": round(100 * m, 2) for r, m in means.items()},
           "-> chosen", results["chosen"])
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_json(pathlib.Path(args.out), results)
     return results
 
 

@@ -171,12 +171,10 @@ def fit(
     lr_factor = distribute_lib.learning_rate_factor(batch_size, lr_scaling, reference_batch)
     epochs = _positive_int("epochs", epochs)
     steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
-    budget = None
     if max_minutes is not None:
         from keras_oneimage.training import TimeBudget
 
-        budget = TimeBudget(max_minutes)  # raises InputError on a bad value
-        callbacks = [*(callbacks or []), budget]
+        callbacks = [*(callbacks or []), TimeBudget(max_minutes)]  # InputError on a bad value
     seed = int(seed)
     method_cls = registry.get(method)
     variant = _variant_for(image_size, variant)

@@ -173,35 +173,20 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
         pass
 
     def _load_model(self):
-        """Keras's restore, made strict: the metadata is the commit record and must match the weights' sha256.
+        """Keras's restore, made strict: only a committed (weights, metadata) pair loads (`committed_epoch`).
 
-        An unreadable metadata file, missing weights, or weights that do not match the sha256 the metadata
-        records (a kill mid-backup) raise OSError, so the caller falls back to the previous state instead of
-        resuming a later epoch's weights, or fresh ones, under an earlier epoch number. Weights without any
-        metadata were never committed: that is a fresh start.
+        A damaged pair raises OSError, so the caller falls back to the previous state instead of resuming a later
+        epoch's weights, or fresh ones, under an earlier epoch number.
         """
-        weights, metadata = self._weights_path, self._training_metadata_path
-        if not os.path.exists(metadata):
-            if os.path.exists(weights) and os.path.exists(self._prev_training_metadata_path):
-                raise OSError(f"{metadata} is missing")
-            return
-        try:
-            with open(metadata) as f:
-                recorded = json.loads(f.read())
-            int(recorded["epoch"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise OSError(f"unreadable {metadata} ({type(exc).__name__}: {exc})") from None
-        if not os.path.exists(weights):
-            raise OSError(f"{weights} is missing")
-        expected = recorded.get("weights_sha256")
-        if expected is not None and _file_sha256(weights) != expected:
-            raise OSError(f"{weights} does not match {metadata} (an interrupted backup)")
+        if committed_epoch(self._weights_path, self._training_metadata_path,
+                           self._prev_training_metadata_path) is None:
+            return  # nothing committed: a fresh start
         try:
             super()._load_model()
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
-            raise OSError(f"cannot load {weights} ({type(exc).__name__}: {exc})") from None
+            raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
 
     def _save_model(self):
         """Keras's backup, made atomic: a kill at any instant leaves a loadable (weights, metadata) pair.
@@ -283,19 +268,50 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def completed_epochs(output_dir: str | os.PathLike | None) -> int:
-    """Epochs a previous run in ``output_dir`` committed to its backup (0 for a fresh run).
+def committed_epoch(weights: str, metadata: str, prev_metadata: str | None = None) -> int | None:
+    """The epoch a backup (weights, metadata) pair committed; None when nothing was committed (a fresh start).
 
-    `fit` starts the patch stream at ``completed_epochs * steps_per_epoch`` so that a resumed run sees the same
-    patches as an uninterrupted one.
+    The metadata is the commit record and must name the weights' sha256. An unreadable metadata file, missing
+    weights, weights that do not match (a kill mid-backup), or weights without metadata beside an earlier
+    commit raise OSError: the pair is damaged and the previous one is the state to resume.
+    """
+    if not os.path.exists(metadata):
+        if os.path.exists(weights) and prev_metadata is not None and os.path.exists(prev_metadata):
+            raise OSError(f"{metadata} is missing")
+        return None
+    try:
+        with open(metadata) as f:
+            recorded = json.loads(f.read())
+        epoch = int(recorded["epoch"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OSError(f"unreadable {metadata} ({type(exc).__name__}: {exc})") from None
+    if not os.path.exists(weights):
+        raise OSError(f"{weights} is missing")
+    expected = recorded.get("weights_sha256")
+    if expected is not None and _file_sha256(weights) != expected:
+        raise OSError(f"{weights} does not match {metadata} (an interrupted backup)")
+    return epoch
+
+
+def completed_epochs(output_dir: str | os.PathLike | None) -> int:
+    """Epochs of the state a rerun in ``output_dir`` resumes from (0 for a fresh run).
+
+    The same decision as the restore: the latest committed backup, else the previous one when the latest is
+    damaged. `fit` starts the patch stream at ``completed_epochs * steps_per_epoch`` so that a resumed run sees
+    the same patches as an uninterrupted one.
     """
     if output_dir is None:
         return 0
-    path = pathlib.Path(output_dir) / BACKUP_DIR / "training_metadata.json"
-    try:
-        return max(0, int(json.loads(path.read_text())["epoch"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    paths = keras.callbacks.BackupAndRestore(str(pathlib.Path(output_dir) / BACKUP_DIR))
+    for weights, metadata, prev in (
+        (paths._weights_path, paths._training_metadata_path, paths._prev_training_metadata_path),
+        (paths._prev_weights_path, paths._prev_training_metadata_path, None),
+    ):
+        try:
+            return max(0, committed_epoch(weights, metadata, prev) or 0)
+        except OSError:
+            continue
+    return 0  # nothing usable: the restore stops the run with its own message
 
 
 def _weights_fingerprint(model: keras.Model) -> float:

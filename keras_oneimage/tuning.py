@@ -807,10 +807,11 @@ def tune(
     from keras_oneimage.data.images import load_images
     from keras_oneimage.data.labelled import LabelledData, load_labelled
     from keras_oneimage.methods import registry
-    from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.methods.base import resolve_precision
+    from keras_oneimage.models.alexnet import AlexNet
 
     # 1. Validate everything before anything is trained or written.
+    precision = resolve_precision(precision)  # once: "auto" names the policy every trial and the record use
     if algorithm not in ALGORITHMS:
         raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
     if algorithm == "bayesian":
@@ -901,7 +902,7 @@ def tune(
         "search_space": space_description(space),
         "probe_epochs": probe_epochs,
         "probe_batch_size": probe_batch_size,
-        **({"precision": resolve_precision(precision)} if resolve_precision(precision) != "float32" else {}),
+        **({"precision": precision} if precision != "float32" else {}),
         **({} if probe_augment else {"probe_augment": False}),
         **({} if probe_learning_rate is None else {"probe_learning_rate": float(probe_learning_rate)}),
         **({"hyperband_factor": hyperband_factor, "hyperband_iterations": hyperband_iterations}
@@ -914,7 +915,7 @@ def tune(
         images=tuple(images), method=method, image_size=image_size, batch_size=batch_size, epochs=epochs,
         steps_per_epoch=steps_per_epoch, seed=seed, widths=widths, variant=variant, probe_epochs=probe_epochs,
         probe_batch_size=probe_batch_size, method_options=method_options, base_augment=augment,
-        precision=resolve_precision(precision), probe_augment=bool(probe_augment),
+        precision=precision, probe_augment=bool(probe_augment),
         probe_learning_rate=None if probe_learning_rate is None else float(probe_learning_rate),
     )  # fmt: skip
     kt_objective = keras_tuner.Objective(probe_objective.name, direction="max")

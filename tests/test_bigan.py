@@ -96,7 +96,7 @@ def test_short_run_on_image_a(image_a_path, tmp_path):
     for key in ("d_loss", "eg_loss", "d_accuracy", "d_acc_real", "d_acc_fake"):
         assert len(history[key]) == epochs and np.all(np.isfinite(history[key])), key
     # The game is contested: D's accuracy moves away from 0.5 (D wins for a while) and comes back as G and E
-    # catch up (with the default two time-scales; at equal rates D stays at 1.00 from epoch 2 on).
+    # catch up (with the default two time-scales; at equal rates D stays at 0.99-1.00 from epoch 2 on).
     d_acc = history["d_accuracy"]
     peak = int(np.argmax(d_acc))
     assert d_acc[peak] > 0.85, d_acc

@@ -347,6 +347,9 @@ def test_damaged_latest_backup_falls_back_to_the_previous_epoch(finished_run, im
     out = tmp_path / "run"
     shutil.copytree(source, out)
     BACKUP_DAMAGE[damage](out / "backup")
+    from keras_oneimage.training import completed_epochs
+
+    assert completed_epochs(out) == 1, "the patch stream resumes where the restored epoch left it"
     weights, trained = restored_weights(image, out)
     assert weights == ended[0] and trained == [], "epoch 1 restored, with exactly its weights"
     assert backup_epoch(out) == 1  # the latest state was repaired from the previous one

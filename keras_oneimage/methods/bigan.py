@@ -10,8 +10,8 @@ Stabilisers (see docs/methods.md for why):
 * non-saturating objective (Goodfellow et al. 2014, §3): E and G minimise the BCE of the *swapped* labels instead
   of maximising D's loss, so their gradients do not vanish when D wins early;
 * Adam with β1 = 0.5 (Donahue et al. §4, after DCGAN) and two time-scales (Heusel et al. 2017): separate rates
-  for the two players. In our single-image runs D wins at Donahue et al.'s equal 2e-4 (D accuracy 0.93-1.00 for
-  all of a full-width 80-step run, and in toy runs 1.00 from the second epoch on), so E and G take the faster
+  for the two players. In our single-image runs D wins at Donahue et al.'s equal 2e-4 (D accuracy 0.87-1.00 for
+  all of a full-width 80-step run, and 0.99-1.00 from the second epoch on in the test-size model), so E and G take the faster
   rate: ``eg_learning_rate`` 5e-4, ``d_learning_rate`` 5e-5. With those D accuracy leaves 0.5 and comes back as
   G and E catch up (docs/methods.md, experiments/RESULTS.md);
 * spectral normalisation of every D layer (Miyato et al. 2018, ``keras.layers.SpectralNormalization``) and dropout

@@ -275,50 +275,45 @@ def probe(
             trunk **once** per image and trains the probes on its cached pooled taps: ``epochs`` times cheaper in
             trunk compute, at ~184 KB of memory per training image (5 taps of ~9k float32); no augmentation.
     """
-    model, evaluation = _train(
-        backbone, data, layers=layers, epochs=epochs, batch_size=batch_size, seed=seed, image_size=image_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, target_dims=target_dims, split=split,
-        verbose=verbose, augment=bool(augment),
-    )  # fmt: skip
-    scores = model.evaluate(evaluation(split), verbose=verbose, return_dict=True)
-    return {layer: float(scores[f"acc_{layer}"]) for layer in model.probe_layers}
+    return probe_splits(
+        backbone, data, (split,), layers=layers, epochs=epochs, batch_size=batch_size, seed=seed,
+        image_size=image_size, learning_rate=learning_rate, weight_decay=weight_decay, target_dims=target_dims,
+        verbose=verbose, augment=augment,
+    )[split]  # fmt: skip
 
 
 def probe_splits(
     backbone,
     data: LabelledData | str | os.PathLike,
     splits: Sequence[str] = ("val", "test"),
-    **kwargs,
+    *,
+    layers: Sequence[str] = TAPS,
+    epochs: int = PAPER_EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    seed: int = 0,
+    image_size: int | None = None,
+    learning_rate: float = LEARNING_RATE,
+    weight_decay: float = WEIGHT_DECAY,
+    target_dims: int = TARGET_DIMS,
+    verbose: int = 1,
+    augment: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Probes trained **once** on ``data.train`` and scored on each of ``splits``: ``{split: {layer: accuracy}}``.
 
-    Same training (same seed, same arguments as :func:`probe`) as one :func:`probe` call per split, at the cost of
-    one: report ``test`` beside the ``val`` numbers any choice was made on.
+    The arguments are :func:`probe`'s, which is this function for one split. Report ``test`` beside the ``val``
+    numbers any choice was made on, at the cost of one training.
     """
-    if "split" in kwargs:
-        raise InputError("probe_splits takes splits=(...), not split=")
-    if isinstance(splits, str):
-        splits = (splits,)
-    splits = tuple(splits)
-    if not splits or any(s not in ("val", "test") for s in splits):
-        raise InputError(f"splits must be a non-empty subset of ('val', 'test'), got {splits!r}")
-    data = as_labelled(data)
-    for s in splits[1:]:
-        if data.size(s) == 0:
-            raise InputError(f"the {s!r} split is empty" + (" (load it with val_fraction > 0)" * (s == "val")))
-    options = {**_probe_defaults(), **kwargs}
-    model, evaluation = _train(backbone, data, **options, split=splits[0])
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    model, evaluation = _train(
+        backbone, data, layers=layers, epochs=epochs, batch_size=batch_size, seed=seed, image_size=image_size,
+        learning_rate=learning_rate, weight_decay=weight_decay, target_dims=target_dims, splits=splits,
+        verbose=verbose, augment=bool(augment),
+    )  # fmt: skip
     out = {}
-    for s in splits:
-        scores = model.evaluate(evaluation(s), verbose=options["verbose"], return_dict=True)
-        out[s] = {layer: float(scores[f"acc_{layer}"]) for layer in model.probe_layers}
+    for split in splits:
+        scores = model.evaluate(evaluation(split), verbose=verbose, return_dict=True)
+        out[split] = {layer: float(scores[f"acc_{layer}"]) for layer in model.probe_layers}
     return out
-
-
-def _probe_defaults() -> dict:
-    return dict(layers=TAPS, epochs=PAPER_EPOCHS, batch_size=BATCH_SIZE, seed=0, image_size=None,
-                learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, target_dims=TARGET_DIMS, verbose=1,
-                augment=True)
 
 
 def probe_val(backbone, data: LabelledData | str | os.PathLike, **kwargs) -> dict[str, float]:
@@ -340,7 +335,7 @@ def _train(
     learning_rate,
     weight_decay,
     target_dims,
-    split,
+    splits,
     verbose,
     augment=True,
 ) -> tuple[LinearProbes, Callable[[str], tf.data.Dataset]]:
@@ -354,12 +349,13 @@ def _train(
         raise InputError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise InputError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-    if split not in ("val", "test"):
-        raise InputError(f"split must be 'val' or 'test', got {split!r}")
+    if not splits or any(split not in ("val", "test") for split in splits):
+        raise InputError(f"split must be 'val' or 'test', got {splits if len(splits) != 1 else splits[0]!r}")
     if data.train_size == 0:
         raise InputError("the labelled data has no training examples")
-    if data.size(split) == 0:
-        raise InputError(f"the {split!r} split is empty" + (" (load it with val_fraction > 0)" * (split == "val")))
+    for split in splits:
+        if data.size(split) == 0:
+            raise InputError(f"the {split!r} split is empty" + (" (load it with val_fraction > 0)" * (split == "val")))
     size = _image_size(backbone, data, image_size)
 
     pooling = {
