@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test reproduce clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Issue #12's study, supervised reference and full table; resumable, hours on 2 cores (needs ../shared).
+reproduce: $(STAMP)
+	bash experiments/reproduce.sh
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -1,18 +1,22 @@
 """The paper's CIFAR-10 linear-probe table (Asano et al., ICLR 2020, Table 2 / Fig. 2) at a CPU scale.
 
 Rows: RotNet, DeepCluster and BiGAN trained from Image A and from Image B (``../shared/data/images``), a random
-trunk, and a fully supervised trunk (AlexNet trained on the CIFAR-10 train labels). Every row is probed with the
-same protocol (frozen trunk, per-layer max-pool to ~9k dims, BN without affine, linear classifier; all five layers
-in one pass) on CIFAR-10 (JPEG); the validation split (10% of train) is reported beside the test split, and any
-choice is made on validation only.
+trunk, and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
+on the CIFAR-10 train labels until validation accuracy stops improving). Every row is probed with one named
+protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps in one pass, on CIFAR-10 (JPEG):
+the probes train on the train split minus val (45,000 images; ``--max_per_class`` subsamples for quick runs) and
+are scored on val (where choices are made) and on all 10,000 test images (what is reported).
 
-Each row runs once and writes ``<out>/<row>.json``; rerunning skips finished rows, so the table can be built in
-parts. ``--report`` turns the JSON files into the RESULTS.md section and the figures.
+Training length is a **fixed step count per method** (``--steps``; by default :data:`STEPS_30MIN`, the steps each
+method made in 30 minutes), so a rerun does the same work whatever the machine's load; ``--train_minutes`` is a
+legacy wall-clock budget (0: off). Each (row, seed) runs once and writes ``<out>/<row>__s<seed>.json``; rerunning
+skips finished ones (and resumes a half-trained method run from its last epoch), so the table is built in parts.
+``--report`` turns the JSON files into a RESULTS.md section (mean ± spread over seeds) and the figures.
 
-    python experiments/paper_table.py --rows rotnet_a --train_minutes 30          # one row
-    python experiments/paper_table.py --rows all --train_minutes 30               # everything (hours on 2 cores)
+    python experiments/paper_table.py --rows rotnet_a --seeds 0,1                 # one row, two seeds
+    python experiments/paper_table.py --rows all                                  # everything (many hours on 2 cores)
     python experiments/paper_table.py --report                                    # RESULTS.md + figures
-    python experiments/paper_table.py --quick --out /tmp/pt                       # smoke test (seconds)
+    python experiments/paper_table.py --quick --out /tmp/pt                       # smoke test (minutes)
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 REPO = HERE.parent
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
 TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -41,64 +46,63 @@ ROWS = {
     "random": (None, None),
     "supervised": ("supervised", None),
 }
-MARK_START = "<!-- paper_table:start -->"
-MARK_END = "<!-- paper_table:end -->"
+#: Steps (batches of 64 patches at 32 px) each method made in 30 minutes: six times its 5-minute run of
+#: 2026-11-26 (RESULTS.md: RotNet 246 steps in bf16, DeepCluster 301, BiGAN 403). Fixed, so load changes only time.
+STEPS_30MIN = {"rotnet": 1500, "deepcluster": 1800, "bigan": 2400}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (or 'all')")
-    p.add_argument("--out", default=str(HERE / "outputs" / "paper_table"), help="JSON results and checkpoints")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each (row, seed) is one run")
+    p.add_argument("--out", default=None, help="JSON results and checkpoints (default: outputs/table_<protocol>)")
+    p.add_argument("--protocol", default="coarse", help="probe protocol (keras_oneimage.probes.protocols)")
     p.add_argument("--image_size", type=int, default=32, help="patch and probe image size (CIFAR: 32)")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--steps_per_epoch", type=int, default=200)
-    p.add_argument("--max_epochs", type=int, default=1000, help="upper bound; the time budget usually stops first")
-    p.add_argument("--train_minutes", type=float, default=30.0, help="wall-clock training budget per row")
-    p.add_argument("--supervised_epochs", type=int, default=15,
-                   help="epochs of the supervised row's cosine schedule (the time budget may stop it earlier)")
-    p.add_argument("--probe_epochs", type=int, default=12)
-    p.add_argument("--probe_lr", type=float, default=None, help="probe learning rate (default: the probe module's)")
-    p.add_argument("--probe_augment", type=int, default=1, choices=(0, 1),
-                   help="1: the paper's augmented probe; 0: probes on cached taps (the trunk runs once per image)")
+    p.add_argument("--steps_per_epoch", type=int, default=100)
+    p.add_argument("--steps", default="30min",
+                   help="training steps per method row: '30min' (STEPS_30MIN) or one integer for every method")
+    p.add_argument("--train_minutes", type=float, default=0.0, help="legacy wall-clock budget per row (0: off)")
+    p.add_argument("--probe_epochs", type=int, default=36)
+    p.add_argument("--probe_lr", type=float, default=None, help="probe learning rate (default: the protocol's)")
+    p.add_argument("--probe_augment", type=int, default=0, choices=(0, 1),
+                   help="1: the protocol's augmented probe; 0: probes on cached taps (the trunk runs once per image)")
     p.add_argument("--max_per_class", type=int, default=None, help="subsample CIFAR-10 per class (quick runs)")
-    p.add_argument("--precision", default="float32", choices=["auto", "float32", "mixed_bfloat16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16"],
                    help="self-supervised rows' compute precision (fit(precision=...)); 'auto' = bf16 on AMX CPUs")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: TF default)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.add_argument("--report", action="store_true", help="write RESULTS.md section and figures from the JSON files")
+    p.add_argument("--section", default="paper_table_full", help="RESULTS.md marker name of the report section")
     p.add_argument("--results_md", default=str(HERE / "RESULTS.md"))
     p.add_argument("--figures", default=str(HERE / "figures"))
     args = p.parse_args(argv)
+    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     if args.quick:
-        args.train_minutes = min(args.train_minutes, 0.1)
+        args.steps = "4"
         args.steps_per_epoch = 2
         args.batch_size = 8
-        args.max_epochs = 1
         args.probe_epochs = 1
-        args.supervised_epochs = 1
-        args.max_per_class = args.max_per_class or 4
+        args.max_per_class = args.max_per_class or 20
+    if args.out is None:
+        args.out = str(HERE / "outputs" / f"table_{args.protocol}{args.image_size}")
     return args
 
 
-def _row_command(row: str, args: argparse.Namespace) -> str:
-    parts = [
-        "python experiments/paper_table.py",
-        f"--rows {row}",
-        f"--image_size {args.image_size}",
-        f"--batch_size {args.batch_size}",
-        f"--steps_per_epoch {args.steps_per_epoch}",
-        f"--train_minutes {args.train_minutes:g}",
-        f"--probe_epochs {args.probe_epochs}",
-        f"--supervised_epochs {args.supervised_epochs}",
-        f"--seed {args.seed}",
-    ]
-    if args.precision != "float32" and ROWS[row][0] not in (None, "supervised"):
+def method_steps(method: str, args: argparse.Namespace) -> int:
+    return STEPS_30MIN[method] if args.steps == "30min" else int(args.steps)
+
+
+def _row_command(row: str, seed: int, args: argparse.Namespace) -> str:
+    parts = ["python experiments/paper_table.py", f"--rows {row}", f"--seeds {seed}", f"--protocol {args.protocol}",
+             f"--image_size {args.image_size}", f"--batch_size {args.batch_size}", f"--steps {args.steps}",
+             f"--probe_epochs {args.probe_epochs}", f"--probe_augment {args.probe_augment}"]
+    if args.train_minutes:
+        parts.append(f"--train_minutes {args.train_minutes:g}")
+    if args.precision != "auto":
         parts.append(f"--precision {args.precision}")
     if args.probe_lr is not None:
         parts.append(f"--probe_lr {args.probe_lr:g}")
-    if not args.probe_augment:
-        parts.append("--probe_augment 0")
     if args.max_per_class:
         parts.append(f"--max_per_class {args.max_per_class}")
     return " ".join(parts)
@@ -109,14 +113,14 @@ def _probe_both_splits(backbone, data, args) -> dict[str, dict[str, float]]:
     from keras_oneimage.probes import probe_splits
 
     options = {"epochs": args.probe_epochs, "seed": args.seed, "verbose": 0, "layers": TAPS,
-               "augment": bool(args.probe_augment)}
+               "augment": bool(args.probe_augment), "protocol": args.protocol, "image_size": args.image_size}
     if args.probe_lr is not None:
         options["learning_rate"] = args.probe_lr
     return probe_splits(backbone, data, ("val", "test"), **options)
 
 
-def train_row(row: str, args: argparse.Namespace, data) -> dict:
-    """Train (or build) the trunk of ``row`` and return its record (without probe results)."""
+def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train (or build, or load) the trunk of ``row`` and return its record (without probe results)."""
     import keras
 
     from keras_oneimage import api
@@ -124,40 +128,47 @@ def train_row(row: str, args: argparse.Namespace, data) -> dict:
     from keras_oneimage.training import TimeBudget
 
     method, image_name = ROWS[row]
-    run_dir = pathlib.Path(args.out) / row
+    run_dir = pathlib.Path(args.out) / f"{row}__s{seed}"
+    variant = "cifar" if args.image_size < 128 else "imagenet"
     record = {"row": row, "method": method or "random", "image": image_name, "image_size": args.image_size,
-              "seed": args.seed, "command": _row_command(row, args)}
+              "seed": seed, "protocol": args.protocol, "command": _row_command(row, seed, args)}
     start = time.monotonic()
     if method is None:
-        keras.utils.set_random_seed(args.seed)
-        backbone = AlexNet("cifar" if args.image_size < 128 else "imagenet", args.image_size)
+        keras.utils.set_random_seed(seed)
+        backbone = AlexNet(variant, args.image_size)
         backbone(keras.ops.zeros((1, args.image_size, args.image_size, 3)))
         record.update(train_seconds=0.0, patches=0)
     elif method == "supervised":
-        from keras_oneimage.transfer import finetune
+        import supervised_reference
 
-        result = finetune(None, data, freeze=(), epochs=args.supervised_epochs, batch_size=args.batch_size,
-                          seed=args.seed, image_size=args.image_size, verbose=0,
-                          callbacks=[TimeBudget(args.train_minutes)])
-        backbone = result.backbone
-        record.update(train_seconds=time.monotonic() - start, supervised_test_accuracy=result.test_accuracy,
-                      labelled_images_seen=int(result.images_seen))
+        ref_args = [f"--image_size={args.image_size}", f"--variant={variant}", f"--seed={seed}"]
+        if args.quick:
+            ref_args += ["--quick", f"--out={pathlib.Path(args.out) / 'supervised_quick'}"]
+        supervised_reference.main(ref_args)  # trains it, resumably, unless it is finished
+        backbone, reference = supervised_reference.load_trunk(
+            args.image_size, variant, seed, out=str(pathlib.Path(args.out) / "supervised_quick") if args.quick else None)
+        record.update(supervised_test_accuracy=reference["test_accuracy"],
+                      supervised_val_accuracy=reference["best_val_accuracy"], supervised_epochs=reference["epochs_run"],
+                      labelled_images_seen=reference["epochs_run"] * reference["train_images"],
+                      reference_command=reference["command"])
     else:
-        budget = TimeBudget(args.train_minutes)
+        steps = method_steps(method, args)
+        callbacks = [TimeBudget(args.train_minutes)] if args.train_minutes else []
         model = api.fit(
             str(SHARED_IMAGES / image_name), method=method, image_size=args.image_size,
-            batch_size=args.batch_size, epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
-            seed=args.seed, output_dir=str(run_dir), callbacks=[budget], verbose=0 if args.quick else 2,
-            precision=args.precision,
+            batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
+            steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
+            callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,
         )
         backbone = model.backbone
-        record.update(train_seconds=time.monotonic() - start, steps=budget.steps,
-                      patches=budget.steps * args.batch_size, precision=args.precision)
+        record.update(train_seconds_last_session=time.monotonic() - start, steps=steps,
+                      patches=steps * args.batch_size, precision=args.precision)
     return record, backbone
 
 
 def run_rows(args: argparse.Namespace) -> None:
-    from keras_oneimage.data.labelled import load_labelled
+    import cifar_arrays
+
     from keras_oneimage.training import configure_threads
 
     if args.threads:
@@ -168,40 +179,54 @@ def run_rows(args: argparse.Namespace) -> None:
         sys.exit(f"unknown rows: {unknown}; choose from {list(ROWS)}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_labelled("cifar10", seed=args.seed, max_per_class=args.max_per_class)
+    data = cifar_arrays.labelled(max_per_class=args.max_per_class)
     for row in rows:
-        path = out / f"{row}.json"
-        if path.exists():
-            print(f"[{row}] done already ({path}); delete it to rerun")
-            continue
-        print(f"[{row}] training ...", flush=True)
-        record, backbone = train_row(row, args, data)
-        print(f"[{row}] probing conv1..conv5 ({args.probe_epochs} epochs) ...", flush=True)
-        t0 = time.monotonic()
-        record["probe"] = _probe_both_splits(backbone, data, args)
-        record["probe_seconds"] = time.monotonic() - t0
-        record["probe_epochs"] = args.probe_epochs
-        record["probe_augment"] = bool(args.probe_augment)
-        record["probe_lr"] = args.probe_lr
-        record["cifar_train_images"] = data.train_size
-        backbone.save_weights(str(out / f"{row}.weights.h5"))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
-        print(f"[{row}] test: " + "  ".join(f"{k} {100 * v:.1f}" for k, v in record["probe"]["test"].items()))
+        for seed in args.seeds:
+            path = out / f"{row}__s{seed}.json"
+            if path.exists():
+                print(f"[{row} seed {seed}] done already ({path}); delete it to rerun")
+                continue
+            print(f"[{row} seed {seed}] training ...", flush=True)
+            args.seed = seed
+            record, backbone = train_row(row, seed, args)
+            print(f"[{row} seed {seed}] probing conv1..conv5 ({args.protocol}, {args.probe_epochs} epochs) ...",
+                  flush=True)
+            t0 = time.monotonic()
+            record["probe"] = _probe_both_splits(backbone, data, args)
+            record.update(probe_seconds=time.monotonic() - t0, probe_epochs=args.probe_epochs,
+                          probe_augment=bool(args.probe_augment), probe_lr=args.probe_lr,
+                          cifar_train_images=data.train_size, cifar_test_images=data.test_size)
+            backbone.save_weights(str(out / f"{row}__s{seed}.weights.h5"))
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, path)
+            print(f"[{row} seed {seed}] test: "
+                  + "  ".join(f"{k} {100 * v:.1f}" for k, v in record["probe"]["test"].items()), flush=True)
 
 
-def _load_records(out: pathlib.Path) -> dict[str, dict]:
-    records = {}
+def _load_records(out: pathlib.Path) -> dict[str, list[dict]]:
+    """``{row: [record per seed]}`` of the finished runs, in :data:`ROWS` order."""
+    records: dict[str, list[dict]] = {}
     for row in ROWS:
-        path = out / f"{row}.json"
-        if path.exists():
-            records[row] = json.loads(path.read_text())
+        found = sorted(out.glob(f"{row}__s*.json"), key=lambda p: int(p.stem.rsplit("__s", 1)[1]))
+        if found:
+            records[row] = [json.loads(p.read_text()) for p in found]
     return records
+
+
+def _mean_spread(values: list[float]) -> str:
+    import statistics
+
+    mean = statistics.mean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def report(args: argparse.Namespace) -> str:
     """Write the RESULTS.md section and the figures from the finished rows; return the markdown."""
+    import statistics
+
+    import numpy as np
+
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.plots import conv1_filter_comparison, layer_accuracy_plot
 
@@ -209,43 +234,59 @@ def report(args: argparse.Namespace) -> str:
     records = _load_records(out)
     if not records:
         sys.exit(f"no finished rows in {out}")
+    name = args.section
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    test = {row: rec["probe"]["test"] for row, rec in records.items()}
-    layer_accuracy_plot(test, figures / "paper_table_layers.png", title="CIFAR-10 (JPEG) linear probes, test")
+    mean_test = {row: {k: statistics.mean(r["probe"]["test"][k] for r in recs) for k in TAPS}
+                 for row, recs in records.items()}
+    layer_accuracy_plot(mean_test, figures / f"{name}_layers.png",
+                        title=f"CIFAR-10 (JPEG) linear probes, test ({args.protocol} protocol)")
     trunks = {}
-    for row in records:
-        weights = out / f"{row}.weights.h5"
+    for row, recs in records.items():
+        weights = out / f"{row}__s{recs[0]['seed']}.weights.h5"
         if weights.exists() and row != "random":
-            rec = records[row]
-            size = rec["image_size"]
-            net = AlexNet("cifar" if size < 128 else "imagenet", size, sobel=rec["method"] == "deepcluster")
-            net(__import__("numpy").zeros((1, size, size, 3), "float32"))
+            size = recs[0]["image_size"]
+            net = AlexNet("cifar" if size < 128 else "imagenet", size, sobel=recs[0]["method"] == "deepcluster")
+            net(np.zeros((1, size, size, 3), "float32"))
             net.load_weights(str(weights))
             trunks[row] = net
     if trunks:
-        conv1_filter_comparison(trunks, figures / "paper_table_conv1.png")
+        conv1_filter_comparison(trunks, figures / f"{name}_conv1.png")
 
-    lines = [MARK_START, "## CIFAR-10 linear probes per layer (paper Table 2 / Fig. 2, CPU scale)", ""]
-    lines += ["| row | conv1 | conv2 | conv3 | conv4 | conv5 | val conv1 | val conv2 | train time | patches | size | precision | seed |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-    for row, rec in records.items():
-        t, v = rec["probe"]["test"], rec["probe"]["val"]
-        patches = rec.get("patches") or rec.get("labelled_images_seen", 0)
-        lines.append(
-            f"| {row} | " + " | ".join(f"{100 * t[k]:.1f}" for k in TAPS)
-            + f" | {100 * v['conv1']:.1f} | {100 * v['conv2']:.1f} | {rec['train_seconds'] / 60:.1f} min"
-            + f" | {patches:,} | {rec['image_size']} | {rec.get('precision', 'float32')} | {rec['seed']} |"
-        )
+    sup = records.get("supervised")
+    lines = [f"<!-- {name}:start -->",
+             f"### Test accuracy per layer, {args.protocol} protocol, {args.image_size} px (mean ± spread over seeds)", "",
+             "| row | seeds | conv1 | conv2 | conv3 | conv4 | conv5 | Δ conv1 vs sup. | Δ conv2 vs sup. | "
+             "Δ conv3 vs sup. | val conv1 | val conv2 | steps | patches |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row, recs in records.items():
+        cells = [_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in TAPS]
+        deltas = []
+        for k in ("conv1", "conv2", "conv3"):
+            if sup:
+                diff = statistics.mean(100 * r["probe"]["test"][k] for r in recs) \
+                    - statistics.mean(100 * r["probe"]["test"][k] for r in sup)
+                deltas.append(f"{diff:+.1f}")
+            else:
+                deltas.append("—")
+        val = [_mean_spread([100 * r["probe"]["val"][k] for r in recs]) for k in ("conv1", "conv2")]
+        steps = recs[0].get("steps") or (f"{recs[0].get('supervised_epochs', 0)} epochs" if row == "supervised" else 0)
+        patches = recs[0].get("patches") or recs[0].get("labelled_images_seen", 0)
+        lines.append(f"| {row} | {','.join(str(r['seed']) for r in recs)} | " + " | ".join(cells) + " | "
+                     + " | ".join(deltas) + " | " + " | ".join(val) + f" | {steps} | {patches:,} |")
     lines += ["", "Commands that reproduce each row:", ""]
-    lines += [f"- `{row}`: `{rec['command']}`" for row, rec in records.items()]
-    lines += ["", "![per-layer accuracy](figures/paper_table_layers.png)", "",
-              "![conv1 filters](figures/paper_table_conv1.png)", "", MARK_END]
+    for row, recs in records.items():
+        seeds = ",".join(str(r["seed"]) for r in recs)
+        command = recs[0]["command"].replace(f"--seeds {recs[0]['seed']}", f"--seeds {seeds}")
+        lines.append(f"- `{row}`: `{command}`")
+    lines += ["", f"![per-layer accuracy](figures/{name}_layers.png)", "",
+              f"![conv1 filters](figures/{name}_conv1.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     results = pathlib.Path(args.results_md)
     text = results.read_text() if results.exists() else "# Results\n"
-    if MARK_START in text:
-        text = text[: text.index(MARK_START)] + section + text[text.index(MARK_END) + len(MARK_END):]
+    if start in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     results.write_text(text)

@@ -115,6 +115,9 @@ def _probe_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "A model.keras file or a fit output_dir.", flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "'cifar10' or a class-folder tree with train/ and test/.", flag_values=fv)
     flags.DEFINE_string("layers", "conv1,conv2,conv3,conv4,conv5", "Comma-separated taps to probe.", flag_values=fv)
+    flags.DEFINE_string("protocol", "cifar", "Probe protocol: 'cifar' (the trunk's input size, "
+                      "taps pooled to ~9k dims), 'coarse' (~1k dims), 'paper' (the authors' 224 px protocol: fixed "
+                      "pools, random-resized crops; see docs/probes.md).", flag_values=fv)
     flags.DEFINE_integer("epochs", 36, "Probe training epochs (paper: 36).", flag_values=fv)
     flags.DEFINE_integer("batch_size", 192, "Probe batch size (paper: 192).", flag_values=fv)
     flags.DEFINE_float("learning_rate", None, "Probe SGD learning rate (default: the probe module's).", flag_values=fv)
@@ -137,7 +140,8 @@ def _probe(fv: flags.FlagValues) -> int:
     if not _split_list(fv.layers):
         raise UsageError("--layers must name at least one tap, e.g. --layers=conv1,conv2")
     _check_output_file("output", fv.output)  # before the probes run, not after
-    options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split, "augment": fv.augment}
+    options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split, "augment": fv.augment,
+               "protocol": fv.protocol}
     if fv.learning_rate is not None:
         options["learning_rate"] = fv.learning_rate
     results = api.probe(

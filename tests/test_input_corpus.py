@@ -370,6 +370,7 @@ PROBE_CASES = [
     ("zero_batch", ["--batch_size=0"], {"batch_size": 0}, "batch_size"),
     ("zero_max_per_class", ["--max_per_class=0"], {"max_per_class": 0}, "max_per_class"),
     ("negative_learning_rate", ["--learning_rate=-1"], {"learning_rate": -1.0}, "learning_rate"),
+    ("unknown_protocol", ["--protocol=imagenet"], {"protocol": "imagenet"}, "unknown probe protocol"),
 ]
 
 

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
+from keras_oneimage.probes.protocols import ProbeProtocol, get_protocol
 
 TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 #: Probe input size the paper's pooling aims at (6 x 6 x 256 = 9216; its table lands on 9216 or 9600).
@@ -216,9 +217,50 @@ def train_pipeline(ds: tf.data.Dataset, size: int, num_examples: int, batch_size
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_pipeline(ds: tf.data.Dataset, size: int, batch_size: int) -> tf.data.Dataset:
-    """Resize and batch, in order, no augmentation."""
-    ds = ds.map(_resizer(size), num_parallel_calls=tf.data.AUTOTUNE)
+def eval_pipeline(ds: tf.data.Dataset, size: int, batch_size: int, resize: int | None = None) -> tf.data.Dataset:
+    """Resize and batch, in order, no augmentation. ``resize``: resize to that side first, then centre-crop
+    ``size`` (the paper's test transform: 256, then 224)."""
+    if resize is None:
+        ds = ds.map(_resizer(size), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        offset = (resize - size) // 2
+
+        def centre(image, label):
+            image, label = _resizer(resize)(image, label)
+            return image[offset:offset + size, offset:offset + size], label
+
+        ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def resized_crop_pipeline(
+    ds: tf.data.Dataset, size: int, num_examples: int, batch_size: int, seed: int,
+    scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.data.Dataset:
+    """The ImageNet-style train transform of the paper's probes: a random crop covering ``scale`` of the image
+    with aspect ratio in ``ratio`` (log-uniform), resized to ``size``, and a horizontal flip. Stateless, seeded."""
+    buffer = max(1, min(num_examples, _SHUFFLE_BYTES // (size * size * 3 * 4)))
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    noise = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def augment(example, r):
+        image, label = example
+        image = tf.convert_to_tensor(image, tf.float32)
+        keys = tf.random.experimental.stateless_split(tf.stack([r, tf.constant(seed, tf.int64)]), num=4)
+        u = tf.random.stateless_uniform([4], seed=keys[0], alg="philox")
+        area = scale[0] + (scale[1] - scale[0]) * u[0]
+        aspect = tf.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        # Box in normalised coordinates, clipped to the image (torchvision retries; clipping keeps it one op).
+        w = tf.minimum(tf.sqrt(area * aspect), 1.0)
+        h = tf.minimum(tf.sqrt(area / aspect), 1.0)
+        y0, x0 = (1.0 - h) * u[2], (1.0 - w) * u[3]
+        box = tf.stack([y0, x0, y0 + h, x0 + w])[None]
+        crop = tf.image.crop_and_resize(image[None], box, [0], [size, size], method="bilinear")[0]
+        crop = tf.image.stateless_random_flip_left_right(crop, seed=keys[1])
+        return tf.clip_by_value(crop, 0.0, 1.0), tf.cast(label, tf.int32)
+
+    ds = tf.data.Dataset.zip(ds, noise).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -232,14 +274,34 @@ def _resizer(size: int):
     return resize
 
 
-def step_schedule(learning_rate: float, epochs: int) -> Callable[[int], float]:
+def step_schedule(learning_rate: float, epochs: int,
+                  decay_epochs: Sequence[int] = PAPER_DECAY_EPOCHS) -> Callable[[int], float]:
     """The paper's step schedule scaled to ``epochs``: /10 after 10/36, 20/36 and 30/36 of the epochs."""
 
     def schedule(epoch: int, lr: float | None = None) -> float:
-        drops = sum(epoch * PAPER_EPOCHS >= b * epochs for b in PAPER_DECAY_EPOCHS)
+        drops = sum(epoch * PAPER_EPOCHS >= b * epochs for b in decay_epochs)
         return float(learning_rate * 0.1**drops)
 
     return schedule
+
+
+def protocol_pooling(protocol: ProbeProtocol, shapes: Mapping[str, Sequence[int]],
+                     target_dims: int | None = None) -> dict[str, PoolSpec]:
+    """``{layer: PoolSpec}`` for taps of ``shapes`` under ``protocol``: its fixed windows (the paper's table), else
+    the window nearest ``target_dims`` (default: the protocol's)."""
+    out = {}
+    for layer, shape in shapes.items():
+        h, w, c = (int(v) for v in shape)
+        if protocol.pooling is not None and layer in protocol.pooling:
+            size, stride, pad = protocol.pooling[layer]
+            oh, ow = (h + 2 * pad - size) // stride + 1, (w + 2 * pad - size) // stride + 1
+            if oh < 1 or ow < 1:
+                raise InputError(f"the {protocol.name!r} protocol pools {layer} {size}/{stride} pad {pad}, "
+                                 f"too large for its {h}x{w} map: use a larger image_size")
+            out[layer] = PoolSpec(size, stride, pad, (h, w, c), (oh, ow, c))
+        else:
+            out[layer] = pooling_for((h, w, c), target_dims or protocol.target_dims)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ public API
@@ -248,13 +310,14 @@ def probe(
     data: LabelledData | str | os.PathLike,
     *,
     layers: Sequence[str] = TAPS,
-    epochs: int = PAPER_EPOCHS,
-    batch_size: int = BATCH_SIZE,
+    protocol: str | ProbeProtocol | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     image_size: int | None = None,
-    learning_rate: float = LEARNING_RATE,
-    weight_decay: float = WEIGHT_DECAY,
-    target_dims: int = TARGET_DIMS,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    target_dims: int | None = None,
     split: str = "test",
     verbose: int = 1,
     augment: bool = True,
@@ -265,20 +328,26 @@ def probe(
         backbone: a model with ``features(x, layers, training) -> {layer: tap}`` (e.g. :class:`AlexNet`).
         data: a :class:`LabelledData`, or a name/path for :func:`load_labelled`.
         layers: taps to probe, all trained together in one pass over the data.
+        protocol: a name from :data:`~keras_oneimage.probes.protocols.PROTOCOLS` (``"cifar"`` by default,
+            ``"paper"`` for the authors' 224 px protocol, ``"coarse"`` for ~1k-dim pooling) or a
+            :class:`~keras_oneimage.probes.protocols.ProbeProtocol`. It sets the pooling, the image transforms
+            and the defaults of the arguments below that are left ``None``.
         epochs, batch_size, learning_rate, weight_decay: the paper's probe code uses 36, 192, 0.01, 1e-5.
         seed: seeds shuffling, augmentation and probe initialisation (the result is reproducible).
-        image_size: side the images are resized to (default: ``backbone.image_size``, else the data's).
-        target_dims: the pooled feature size each tap is brought near (paper: about 9k).
+        image_size: side the images are resized to (default: the protocol's, else ``backbone.image_size``, else
+            the data's).
+        target_dims: the pooled feature size each tap is brought near (protocols without fixed pooling).
         split: ``"val"`` (for tuning) or ``"test"`` (for reporting).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
-        augment: the paper's protocol (random crop and flip, the trunk runs every epoch). ``False`` runs the
-            trunk **once** per image and trains the probes on its cached pooled taps: ``epochs`` times cheaper in
-            trunk compute, at ~184 KB of memory per training image (5 taps of ~9k float32); no augmentation.
+        augment: the protocol's train-time augmentation (the trunk runs every epoch). ``False`` runs the
+            trunk **once** per image (the test transform) and trains the probes on its cached pooled taps:
+            ``epochs`` times cheaper in trunk compute, at ~184 KB of memory per training image (5 taps of ~9k
+            float32); no augmentation.
     """
     return probe_splits(
-        backbone, data, (split,), layers=layers, epochs=epochs, batch_size=batch_size, seed=seed,
-        image_size=image_size, learning_rate=learning_rate, weight_decay=weight_decay, target_dims=target_dims,
-        verbose=verbose, augment=augment,
+        backbone, data, (split,), layers=layers, protocol=protocol, epochs=epochs, batch_size=batch_size,
+        seed=seed, image_size=image_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        target_dims=target_dims, verbose=verbose, augment=augment,
     )[split]  # fmt: skip
 
 
@@ -288,13 +357,14 @@ def probe_splits(
     splits: Sequence[str] = ("val", "test"),
     *,
     layers: Sequence[str] = TAPS,
-    epochs: int = PAPER_EPOCHS,
-    batch_size: int = BATCH_SIZE,
+    protocol: str | ProbeProtocol | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     image_size: int | None = None,
-    learning_rate: float = LEARNING_RATE,
-    weight_decay: float = WEIGHT_DECAY,
-    target_dims: int = TARGET_DIMS,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    target_dims: int | None = None,
     verbose: int = 1,
     augment: bool = True,
 ) -> dict[str, dict[str, float]]:
@@ -305,9 +375,9 @@ def probe_splits(
     """
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     model, evaluation = _train(
-        backbone, data, layers=layers, epochs=epochs, batch_size=batch_size, seed=seed, image_size=image_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, target_dims=target_dims, splits=splits,
-        verbose=verbose, augment=bool(augment),
+        backbone, data, layers=layers, protocol=get_protocol(protocol), epochs=epochs, batch_size=batch_size,
+        seed=seed, image_size=image_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        target_dims=target_dims, splits=splits, verbose=verbose, augment=bool(augment),
     )  # fmt: skip
     out = {}
     for split in splits:
@@ -328,6 +398,7 @@ def _train(
     data,
     *,
     layers,
+    protocol,
     epochs,
     batch_size,
     seed,
@@ -341,10 +412,13 @@ def _train(
 ) -> tuple[LinearProbes, Callable[[str], tf.data.Dataset]]:
     data = as_labelled(data)
     layers = check_layers(backbone, layers)
-    epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
+    epochs = _positive_int("epochs", protocol.epochs if epochs is None else epochs)
+    batch_size = _positive_int("batch_size", protocol.batch_size if batch_size is None else batch_size)
+    learning_rate = protocol.learning_rate if learning_rate is None else learning_rate
+    weight_decay = protocol.weight_decay if weight_decay is None else weight_decay
     seed = _non_negative_int("seed", seed)
-    target_dims = _positive_int("target_dims", target_dims)
+    if target_dims is not None:
+        target_dims = _positive_int("target_dims", target_dims)
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise InputError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
@@ -356,37 +430,93 @@ def _train(
     for split in splits:
         if data.size(split) == 0:
             raise InputError(f"the {split!r} split is empty" + (" (load it with val_fraction > 0)" * (split == "val")))
-    size = _image_size(backbone, data, image_size)
+    size = _image_size(backbone, data, protocol.image_size if image_size is None else image_size)
+    if protocol.eval_resize is not None and protocol.eval_resize < size:
+        raise InputError(f"the {protocol.name!r} protocol resizes test images to {protocol.eval_resize} px, "
+                         f"below the probe input of {size} px")
+    pooling = protocol_pooling(protocol, tap_shapes(backbone, layers, size), target_dims)
 
-    pooling = {
-        layer: pooling_for(shape, target_dims) for layer, shape in tap_shapes(backbone, layers, size).items()
-    }
+    def evaluation_images(name: str) -> tf.data.Dataset:
+        return eval_pipeline(data.split(name), size, batch_size, resize=protocol.eval_resize)
+
     if augment:
         model = LinearProbes(backbone, pooling, data.num_classes, seed=seed)
-        train = train_pipeline(data.train, size, data.train_size, batch_size, seed)
-
-        def evaluation(name: str) -> tf.data.Dataset:
-            return eval_pipeline(data.split(name), size, batch_size)
+        if protocol.train_transform == "resized_crop_flip":
+            train = resized_crop_pipeline(data.train, size, data.train_size, batch_size, seed)
+        else:
+            train = train_pipeline(data.train, size, data.train_size, batch_size, seed)
+        evaluation = evaluation_images
 
     else:  # the trunk runs once per image; the probes train on its pooled taps for every epoch
-        unpooled = {layer: PoolSpec(1, 1, 0, spec.output_shape, spec.output_shape) for layer, spec in pooling.items()}
-        model = LinearProbes(PooledTaps(), unpooled, data.num_classes, seed=seed)
-        taps, labels = pooled_taps(backbone, pooling, eval_pipeline(data.train, size, batch_size))
-        train = (tf.data.Dataset.from_tensor_slices((taps, labels))
-                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))  # fmt: skip
+        taps, labels = pooled_taps(backbone, pooling, evaluation_images("train"))
+        model = train_probes_on_taps(
+            taps, labels, data.num_classes, protocol, epochs=epochs, batch_size=batch_size, seed=seed,
+            learning_rate=learning_rate, weight_decay=weight_decay, verbose=verbose,
+        )  # fmt: skip
 
         def evaluation(name: str) -> tf.data.Dataset:
-            pooled, y = pooled_taps(backbone, pooling, eval_pipeline(data.split(name), size, batch_size))
-            return tf.data.Dataset.from_tensor_slices((pooled, y)).batch(batch_size)
+            return taps_dataset(*pooled_taps(backbone, pooling, evaluation_images(name)), batch_size)
 
+        return model, evaluation
+
+    _compile_and_fit(model, train, protocol, epochs, learning_rate, weight_decay, verbose)
+    return model, evaluation
+
+
+def _compile_and_fit(model, train, protocol, epochs, learning_rate, weight_decay, verbose) -> None:
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, weight_decay=weight_decay or None),
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=protocol.momentum, weight_decay=weight_decay or None),
         jit_compile=False,
     )
-    schedule = keras.callbacks.LearningRateScheduler(step_schedule(learning_rate, epochs), verbose=0)
+    lr_schedule = step_schedule(learning_rate, epochs, protocol.decay_epochs)
+    schedule = keras.callbacks.LearningRateScheduler(lr_schedule, verbose=0)
     model.fit(train, epochs=epochs, verbose=verbose, callbacks=[schedule], shuffle=False)
-    return model, evaluation
+
+
+def taps_dataset(taps: Mapping[str, np.ndarray], labels: np.ndarray, batch_size: int,
+                 seed: int | None = None) -> tf.data.Dataset:
+    """Batches of ``({layer: pooled taps}, labels)`` from in-memory arrays; reshuffled every epoch when ``seed`` is
+    given. Batches are gathered by index, so a shuffle moves indices, not the ~37 KB rows themselves."""
+    tensors = {layer: tf.constant(v) for layer, v in taps.items()}
+    y = tf.constant(labels)
+    index = tf.data.Dataset.range(len(labels))
+    if seed is not None:
+        index = index.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+
+    def gather(i):
+        return {layer: tf.gather(v, i) for layer, v in tensors.items()}, tf.gather(y, i)
+
+    return index.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def train_probes_on_taps(
+    taps: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    num_classes: int,
+    protocol: str | ProbeProtocol | None = None,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    verbose: int = 0,
+) -> LinearProbes:
+    """Linear probes trained on precomputed, pooled taps (``{layer: (n, h, w, c)}``) with ``protocol``'s head,
+    optimiser and schedule; score them with ``model.evaluate(taps_dataset(taps, labels, batch))``.
+
+    This is the cached path of :func:`probe_splits`; it also lets a study pool one trunk pass several ways.
+    """
+    protocol = get_protocol(protocol)
+    epochs = protocol.epochs if epochs is None else epochs
+    batch_size = protocol.batch_size if batch_size is None else batch_size
+    learning_rate = protocol.learning_rate if learning_rate is None else learning_rate
+    weight_decay = protocol.weight_decay if weight_decay is None else weight_decay
+    specs = {layer: PoolSpec(1, 1, 0, v.shape[1:], v.shape[1:]) for layer, v in taps.items()}
+    model = LinearProbes(PooledTaps(), specs, num_classes, seed=seed)
+    _compile_and_fit(model, taps_dataset(taps, labels, batch_size, seed), protocol, epochs, learning_rate,
+                     weight_decay, verbose)
+    return model
 
 
 class PooledTaps:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue #12 end to end, resumable and in parts: the probe protocol study, the converged supervised reference, and
+# the full table. Every step skips what is finished, so rerun it after a stop (or a session's end).
+#
+#   make reproduce                                   # all of it (many hours on 2 cores; a day at the paper's budget)
+#   STEPS="study reference" bash experiments/reproduce.sh
+#   PROTOCOL=coarse SIZE=32 STEPS=table bash experiments/reproduce.sh
+#
+# Data: ../shared/data (Image A, Image B, CIFAR-10 as JPEG), or $KERAS_ONEIMAGE_CIFAR10 for CIFAR-10.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-"study reference table report"}
+PROTOCOL=${PROTOCOL:-coarse}   # chosen by the study (experiments/RESULTS.md, "Probe protocol study")
+SIZE=${SIZE:-32}
+OUT=experiments/outputs
+mkdir -p "$OUT/logs"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# 1. The study: random trunks (2 seeds) in every setting, then the supervised trunks that exist.
+if has study; then
+  $PY experiments/probe_study.py --trunks random0,random1
+fi
+
+# 2. The converged supervised reference of the chosen setting (cosine schedule, early stop on val), then its
+#    probes in the study.
+if has reference; then
+  $PY experiments/supervised_reference.py --image_size "$SIZE" --epochs 15 --patience 3
+  $PY experiments/probe_study.py --trunks supervised
+  $PY experiments/probe_study.py --report
+fi
+
+# 3. The table: each method from Image A (2 seeds) and Image B (1 seed) at a fixed step count (30 minutes' worth),
+#    random and supervised beside them; probes on full CIFAR-10 (45k train, 10k test), cached taps.
+if has table; then
+  TABLE="--protocol $PROTOCOL --image_size $SIZE --probe_epochs 36 --probe_augment 0"
+  $PY experiments/paper_table.py --rows random,supervised,rotnet_a --seeds 0,1 $TABLE
+  $PY experiments/paper_table.py --rows rotnet_b --seeds 0 $TABLE
+  $PY experiments/paper_table.py --rows deepcluster_a,bigan_a --seeds 0,1 $TABLE
+  $PY experiments/paper_table.py --rows deepcluster_b,bigan_b --seeds 0 $TABLE
+fi
+
+if has report; then
+  $PY experiments/paper_table.py --report --protocol "$PROTOCOL" --image_size "$SIZE"
+fi
