@@ -30,14 +30,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: name -> (AlexNet variant, probe input side, probe protocol)
+from keras_oneimage.probes.protocols import ProbeProtocol  # noqa: E402
+
+#: name -> (AlexNet variant, probe input side, probe protocol: a name or a ProbeProtocol)
 SETTINGS = {
     "cifar32_9k": ("cifar", 32, "cifar"),
     "cifar32_1k": ("cifar", 32, "coarse"),
+    "cifar32_300": ("cifar", 32, ProbeProtocol("study300", target_dims=300)),
     "imagenet128_9k": ("imagenet", 128, "cifar"),
     "imagenet128_1k": ("imagenet", 128, "coarse"),
     "paper224": ("imagenet", 224, "paper"),
 }
+#: "supervised_epochN" probes a reference still training, from its backup after epoch N (a trend, not the verdict).
 TRUNKS = ("random0", "random1", "supervised")
 LAYERS = ("conv1", "conv2")
 MARK_START = "<!-- probe_study:start -->"
@@ -63,10 +67,15 @@ def parse_args(argv=None):
 
 def _names(value: str, known) -> list[str]:
     names = list(known) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in known]
+    bad = [n for n in names if n not in known and not n.startswith("supervised_epoch")]
     if bad:
         sys.exit(f"unknown {bad}; choose from {list(known)}")
     return names
+
+
+def _protocol_name(setting: str) -> str:
+    protocol = SETTINGS[setting][2]
+    return protocol if isinstance(protocol, str) else f"{protocol.name} (~{protocol.target_dims} dims)"
 
 
 def build_trunk(setting: str, trunk: str, quick: bool = False):
@@ -84,7 +93,10 @@ def build_trunk(setting: str, trunk: str, quick: bool = False):
         return net, {"seed": int(trunk[len("random"):])}
     import supervised_reference
 
-    loaded = supervised_reference.load_trunk(size, variant)
+    partial = trunk.startswith("supervised_epoch")
+    loaded = supervised_reference.load_trunk(size, variant, partial=partial)
+    if partial and loaded is not None and loaded[1].get("epochs_run") != int(trunk[len("supervised_epoch"):]):
+        loaded = None  # the backup holds another epoch than the one asked for
     if loaded is None:
         return None, {"missing": f"python experiments/supervised_reference.py --image_size {size} --variant {variant}"}
     net, record = loaded
@@ -184,7 +196,7 @@ def run(args) -> None:
                                          return_dict=True)
                 scores = {k: float(scores[f"acc_{k}"]) for k in LAYERS}
                 record = {"setting": setting, "trunk": trunk, "variant": variant, "image_size": size,
-                          "protocol": SETTINGS[setting][2], "probe_seed": args.probe_seed,
+                          "protocol": _protocol_name(setting), "probe_seed": args.probe_seed,
                           "probe_epochs": args.probe_epochs, "val": scores, "trunk_images_per_second": rate,
                           "trunk_pass_seconds": pass_seconds, "probe_seconds": time.monotonic() - t0,
                           "train_images": data.train_size, "val_images": data.val_size, **info}
@@ -227,7 +239,7 @@ def report(args) -> str:
         g2 = f"{sm2 - rm2:+.1f}" if None not in (sm2, rm2) else "—"
         rate = statistics.median(r["trunk_images_per_second"] for r in rows)
         dims = _dims(variant, size, protocol)
-        lines.append(f"| {setting} | {variant} | {size} | {protocol} | {dims} | {r1} | {r2} | {s1} | {s2} | "
+        lines.append(f"| {setting} | {variant} | {size} | {_protocol_name(setting)} | {dims} | {r1} | {r2} | {s1} | {s2} | "
                      f"{g1} | {g2} | {rate:,.0f} |")
     lines += ["", MARK_END]
     section = "\n".join(lines)

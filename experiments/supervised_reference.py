@@ -153,22 +153,39 @@ def main(argv=None) -> dict:
     return record
 
 
-def load_trunk(image_size: int, variant: str = "auto", seed: int = 0, out: str | None = None):
-    """The trained reference trunk (an :class:`AlexNet`), or ``None`` when it has not been trained yet."""
+def load_trunk(image_size: int, variant: str = "auto", seed: int = 0, out: str | None = None,
+               partial: bool = False):
+    """``(trunk, record)`` of the trained reference (an :class:`AlexNet`), or ``None`` when it is not trained.
+
+    ``partial=True`` loads a run still in progress from its last backed-up epoch (its record then says which),
+    to look at the trend before the reference has converged; never report it as the reference.
+    """
     args = parse_args([f"--image_size={image_size}", f"--variant={variant}", f"--seed={seed}"]
                       + ([f"--out={out}"] if out else []))
     weights = args.out / "trunk.weights.h5"
-    if not weights.exists():
+    if weights.exists():
+        import numpy as np
+
+        from keras_oneimage.models.alexnet import AlexNet
+
+        record = json.loads((args.out / "record.json").read_text())
+        trunk = AlexNet(variant=args.variant, image_size=image_size)
+        trunk(np.zeros((1, image_size, image_size, 3), "float32"))
+        trunk.load_weights(str(weights))
+        return trunk, record
+    backup = args.out / "backup"
+    if not partial or not (backup / "latest.weights.h5").exists():
         return None
-    import numpy as np
+    model, _ = build_classifier(args)
+    model.load_weights(str(backup / "latest.weights.h5"))
+    epoch = json.loads((backup / "training_metadata.json").read_text())["epoch"] + 1
+    rows = (args.out / "curve.csv").read_text().splitlines()[1:]
+    val = float(rows[epoch - 1].split(",")[header_index(args.out / "curve.csv", "val_accuracy")]) if rows else None
+    return model.backbone, {"partial": True, "epochs_run": epoch, "best_val_accuracy": val, "test_accuracy": None}
 
-    from keras_oneimage.models.alexnet import AlexNet
 
-    record = json.loads((args.out / "record.json").read_text())
-    trunk = AlexNet(variant=args.variant, image_size=image_size)
-    trunk(np.zeros((1, image_size, image_size, 3), "float32"))
-    trunk.load_weights(str(weights))
-    return trunk, record
+def header_index(csv_path: pathlib.Path, column: str) -> int:
+    return csv_path.read_text().splitlines()[0].split(",").index(column)
 
 
 if __name__ == "__main__":
