@@ -366,11 +366,8 @@ def _parse_predict(body: bytes, version: ServedVersion, limits: Limits | None) -
 def _precheck(signature: Signature, values: Mapping[str, Any], limits: Limits | None) -> None:
     """Limits on the nominal shapes of the JSON lists, before they become arrays (which may take a copy each)."""
     if limits is not None:
-        check_limits(
-            signature,
-            {name: _nominal_shape(values[name]) for name in signature.inputs if signature.inputs[name].dtype != "DT_STRING"},
-            limits,
-        )
+        numeric = [name for name, spec in signature.inputs.items() if spec.dtype != "DT_STRING"]
+        check_limits(signature, {name: _nominal_shape(values[name]) for name in numeric}, limits)
         for name, spec in signature.inputs.items():  # string inputs: count them
             if spec.dtype == "DT_STRING" and isinstance(values.get(name), list):
                 limits.check_instances(len(values[name]))

@@ -215,7 +215,7 @@ def _tensor_spec(key: str, info: Any) -> TensorSpec:
 @dataclasses.dataclass(frozen=True)
 class _Failure:
     fingerprint: tuple  # the version directory's files when the load failed
-    retry_at: float  # time.monotonic() after which to load it again even if nothing changed
+    retry_at: float  # the manager's clock after which to load it again even if nothing changed
     delay: float  # the back-off that gave retry_at (doubled at each failure, up to retry_max_seconds)
 
 
@@ -254,12 +254,14 @@ class ModelManager:
         *,
         retry_min_seconds: float = DEFAULT_RETRY_MIN_SECONDS,
         retry_max_seconds: float = DEFAULT_RETRY_MAX_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.base_path = pathlib.Path(base_path)
         self.name = name
         self.poll_seconds = float(poll_seconds)
         self.retry_min_seconds = float(retry_min_seconds)
         self.retry_max_seconds = max(float(retry_max_seconds), self.retry_min_seconds)
+        self._clock = clock
         self.current: ServedVersion | None = None
         self._states: dict[int, dict[str, str]] = {}  # version → {"state", "error_code", "error_message"}
         self._failed: dict[int, _Failure] = {}  # versions whose last load failed, and when to try again
@@ -286,7 +288,7 @@ class ModelManager:
                     return False
                 failure = self._failed.get(version)
                 fingerprint = _fingerprint(path)
-                if failure is not None and failure.fingerprint == fingerprint and time.monotonic() < failure.retry_at:
+                if failure is not None and failure.fingerprint == fingerprint and self._clock() < failure.retry_at:
                     continue  # nothing changed inside it and its back-off has not run out
                 self._states[version] = {"state": "LOADING", "error_code": "OK", "error_message": ""}
                 try:
@@ -297,7 +299,7 @@ class ModelManager:
                         2 * failure.delay, self.retry_max_seconds)
                     log.error("cannot load version %s of %s from %s (retrying in %.3g s, or when its files change): "
                               "%s", version, self.name, path, delay, message)
-                    self._failed[version] = _Failure(fingerprint, time.monotonic() + delay, delay)
+                    self._failed[version] = _Failure(fingerprint, self._clock() + delay, delay)
                     self._states[version] = {"state": "END", "error_code": "UNKNOWN", "error_message": message}
                     continue
                 self._failed.pop(version, None)
