@@ -79,7 +79,9 @@ def encoded_image_size(data: bytes) -> tuple[int, int]:
             if image.format not in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"):
                 raise UnidentifiedImageError(image.format)
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own ceiling, far above any sensible max_pixels
+        raise RequestError(f"an image has more than {2 * Image.MAX_IMAGE_PIXELS} pixels", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise RequestError(
             "an image is not in a known image file format (JPEG, PNG, GIF, BMP or WebP expected)"
         ) from None
