@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="server-side batching limit (the server default, 8) and the in-process peak batch")
     p.add_argument("--batch_timeout_ms", type=float, default=0.0)
     p.add_argument("--num_batch_threads", type=int, default=2)
+    p.add_argument("--grpc_channel", default="shared", choices=("shared", "per_client"),
+                   help="gRPC clients share one channel (default) or open one each")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     defaults = {"clients": "1,4", "seconds": 1.0, "requests": 60, "rounds": 2} if args.quick else {
@@ -264,13 +266,18 @@ def check_server(port: int, body: bytes, reference: dict) -> None:
 
 
 class GrpcClient:
-    """One gRPC channel calling TF Serving's ``PredictionService/Predict`` with the same pre-built request."""
+    """A client calling TF Serving's ``PredictionService/Predict`` with the same pre-built request.
 
-    def __init__(self, port: int, request):
+    With ``channel``, the client shares it (one HTTP/2 connection for all clients, the usual pattern of a TF
+    Serving client); otherwise it opens its own.
+    """
+
+    def __init__(self, port: int, request, channel=None):
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-        self.channel = grpc.insecure_channel(
+        self.own = channel is None
+        self.channel = channel if channel is not None else grpc.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
         )
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -283,7 +290,8 @@ class GrpcClient:
         return response
 
     def close(self):
-        self.channel.close()
+        if self.own:
+            self.channel.close()
 
 
 def grpc_request(image: np.ndarray):
@@ -354,14 +362,21 @@ def main(argv=None) -> dict:
             request = grpc_request(image)
             check_server(port, body, reference)
             check_grpc(grpc_port, request, reference)
+            import grpc
+
+            shared = grpc.insecure_channel(
+                f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+            )
             Client(port, path, body)()  # warm up
             workers = {
                 "in_process": lambda: (lambda: signature(images=x1)),
-                "grpc": lambda: GrpcClient(grpc_port, request),
+                "grpc": lambda: GrpcClient(grpc_port, request, shared if args.grpc_channel == "shared" else None),
                 "rest": lambda: Client(port, path, body),
             }
             levels = [interleaved(c, args, workers) for c in args.client_counts]
         finally:
+            if "shared" in locals():
+                shared.close()
             stop_server(proc)
         del loaded, signature
 
