@@ -356,6 +356,7 @@ def main(argv=None) -> dict:
 
         # --- servers against in-process, one image per call, in alternating slices ---
         proc, port, grpc_port = start_server(base, args)
+        shared = None
         try:
             body = json.dumps({"instances": image.tolist()}).encode()
             path = "/v1/models/bench:predict"
@@ -375,7 +376,7 @@ def main(argv=None) -> dict:
             }
             levels = [interleaved(c, args, workers) for c in args.client_counts]
         finally:
-            if "shared" in locals():
+            if shared is not None:
                 shared.close()
             stop_server(proc)
         del loaded, signature

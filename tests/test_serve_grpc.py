@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import httpx
@@ -257,8 +258,9 @@ def test_grpc_and_rest_requests_share_one_batch(tmp_path):
         others = [threading.Thread(target=rest, args=(1,)), threading.Thread(target=grpc_call, args=(2,))]
         for t in others:
             t.start()
-        while batcher._queued_rows < 2:  # both wait in the queue (no timing: poll the scheduler's own count)
-            assert all(t.is_alive() for t in others)
+        deadline = time.monotonic() + 120  # a bound against hanging, not a timing assertion
+        while batcher._queued_rows < 2:  # both wait in the queue: poll the scheduler's own count
+            assert all(t.is_alive() for t in others) and time.monotonic() < deadline
             threading.Event().wait(0.01)
         gate.set()
         for t in [first, *others]:
