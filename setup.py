@@ -29,6 +29,7 @@ setup(
         "starlette>=0.37",
         "uvicorn>=0.29",
         "orjson>=3.9",  # the REST server encodes feature maps with it (4x faster than json)
+        "tensorflow-serving-api>=2.16,<2.22",  # the gRPC server's protos and stubs (and grpcio); matches tensorflow
     ],
     extras_require={
         "test": ["pytest>=8", "httpx>=0.27"],

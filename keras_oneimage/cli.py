@@ -243,12 +243,26 @@ def _finetune(fv: flags.FlagValues) -> int:
 
 # --------------------------------------------------------------------------------------------------------- serve
 def _serve_flags(fv: flags.FlagValues) -> None:
+    from keras_oneimage.serve import limits, server  # no TensorFlow import: cheap enough for --help
+
     flags.DEFINE_string("model_base_path", None, "exported_models/<name> (holds numbered versions).", flag_values=fv)
     flags.DEFINE_string("model_name", None, "Name in the URL (default: the base path's last part).", flag_values=fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind.", flag_values=fv)
     flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST default is 8501).", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("max_batch_size", 8, "Server-side batching: most images per model call.", flag_values=fv)
-
+    flags.DEFINE_integer("grpc_port", 0, "Also serve TF Serving's gRPC API on this port (TF Serving's default is "
+                         "8500); 0: no gRPC.", lower_bound=0, upper_bound=65535, flag_values=fv)
+    for name, default, help_text in (
+        ("max_instances", limits.DEFAULT_MAX_INSTANCES, "Most instances (images) per predict request (413 beyond)."),
+        ("max_pixels", limits.DEFAULT_MAX_PIXELS, "Most pixels (height x width) per image (413 beyond)."),
+        ("max_output_elements", limits.DEFAULT_MAX_OUTPUT_ELEMENTS, "Most output values per request (413 beyond)."),
+        ("max_body_bytes", server.DEFAULT_MAX_BODY_BYTES, "Most bytes per request body or gRPC message."),
+    ):
+        flags.DEFINE_integer(name, default, help_text, lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("header_timeout", server.DEFAULT_HEADER_TIMEOUT,
+                       "Seconds a connection may take to send a request's headers.", lower_bound=0.001, flag_values=fv)
+    flags.DEFINE_float("body_timeout", server.DEFAULT_BODY_TIMEOUT,
+                       "Seconds a request may take to send its body (408 beyond).", lower_bound=0.001, flag_values=fv)
 
 def _serve(fv: flags.FlagValues) -> int:
     from keras_oneimage.serve import serve
@@ -261,6 +275,13 @@ def _serve(fv: flags.FlagValues) -> int:
         port=fv.port,
         model_name=fv.model_name,
         max_batch_size=fv.max_batch_size,
+        grpc_port=fv.grpc_port or None,
+        max_instances=fv.max_instances,
+        max_pixels=fv.max_pixels,
+        max_output_elements=fv.max_output_elements,
+        max_body_bytes=fv.max_body_bytes,
+        header_timeout=fv.header_timeout,
+        body_timeout=fv.body_timeout,
     )
     return 0
 

@@ -437,8 +437,8 @@ def test_bench_quick_mode_completes(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--clients", "2", "--seconds", "0.5", "--requests", "8", "--json", str(out)])
     results = json.loads(out.read_text())
-    for side in ("in_process", "server"):
+    for side in ("in_process", "grpc", "rest"):
         (level,) = results[side]
         assert level["clients"] == 2 and level["requests"] > 0 and not level["errors"]
         assert level["slices"] == 2  # --quick alternates two slices of each side
-    assert results["server"][0]["ratio"] > 0
+    assert results["grpc"][0]["ratio"] > 0 and results["rest"][0]["ratio"] > 0

@@ -1,5 +1,15 @@
-"""A TF-Serving-REST-compatible server for exported trunks, with request batching (see ``docs/serving.md``)."""
+"""A TF-Serving-compatible server (REST and gRPC) for exported trunks, with request batching (``docs/serving.md``)."""
 from keras_oneimage.serve.batching import BatchScheduler, QueueFullError
+from keras_oneimage.serve.limits import Limits
 from keras_oneimage.serve.server import ModelManager, ServerHandle, make_app, serve, start_in_thread
 
-__all__ = ["BatchScheduler", "ModelManager", "QueueFullError", "ServerHandle", "make_app", "serve", "start_in_thread"]
+__all__ = [
+    "BatchScheduler",
+    "Limits",
+    "ModelManager",
+    "QueueFullError",
+    "ServerHandle",
+    "make_app",
+    "serve",
+    "start_in_thread",
+]

@@ -44,7 +44,8 @@ class BatchScheduler:
     """Merges concurrent :meth:`submit` calls with the same key into one call of their ``run`` function.
 
     Args:
-      max_batch_size: most rows (images) per model call; a single larger request runs alone, unsplit.
+      max_batch_size: most rows (images) per model call; a single larger request runs alone, in consecutive
+        calls of at most this many rows (so that one request never makes the model allocate for more).
       batch_timeout_ms: how long the oldest queued request may wait for others to fill its batch while a worker
         is free (TF Serving's ``batch_timeout_micros``); 0 dispatches as soon as a worker is free.
       num_batch_threads: model calls that may run at once (TF Serving's ``num_batch_threads``).
@@ -218,8 +219,20 @@ class BatchScheduler:
 
     def _run_alone(self, item: _Item) -> Any:
         try:
-            outputs = item.run(item.inputs)
-            self._count(item.rows)
+            if item.rows <= self.max_batch_size:
+                outputs = item.run(item.inputs)
+                self._count(item.rows)
+            else:
+                parts = []
+                for start in range(0, item.rows, self.max_batch_size):
+                    stop = min(start + self.max_batch_size, item.rows)
+                    part = item.run({name: value[start:stop] for name, value in item.inputs.items()})
+                    if any(np.shape(value)[:1] != (stop - start,) for value in part.values()):
+                        raise ValueError("an output's first dimension is not the batch; send at most "
+                                         f"{self.max_batch_size} rows per request")
+                    parts.append(part)
+                    self._count(stop - start)
+                outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
             return item.post(outputs) if item.post is not None else outputs
         except Exception as exc:
             return exc
