@@ -18,8 +18,10 @@ use it when present and skip, saying why, when it is not. They are:
 
 ``KERAS_ONEIMAGE_HIDE_SHARED=1`` makes these fixtures, and the library's own default CIFAR-10 lookup, ignore
 ``../shared``, and points the extraction cache at a fresh temporary folder, so a development or CI machine runs
-the tests as a fresh clone would. Tests that use the data fixtures get the ``data`` marker automatically
-(``pytest -m data`` runs just them); ``.ci/run`` runs that set once with ``../shared`` hidden, then ``make test``.
+the tests as a fresh clone would. Tests whose outcome can depend on ``../shared`` (those using the fixtures above
+except ``photo_path``, and every test of the CIFAR-10 lookup in ``test_labelled.py``) get the ``data`` marker
+automatically; ``.ci/run`` runs ``pytest -m data`` once with ``../shared`` hidden, then ``make test``.
+``tests/test_fresh_clone.py`` keeps the other tests from reading ``../shared`` directly.
 """
 import os
 
@@ -42,8 +44,9 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 IMAGE_A = SHARED / "data" / "images" / "image_a.jpg"
 CIFAR10_TARBALL = SHARED / "data" / "cifar10" / CIFAR10_ARCHIVE
 
-#: Fixtures that read data files; a test using one gets the ``data`` marker.
-DATA_FIXTURES = frozenset({"photo_path", "image_a_path", "cifar_like_tree", "cifar_like_archive", "shared_cifar10"})
+#: Fixtures whose tests may behave differently with ../shared hidden; a test using one gets the ``data`` marker.
+#: (``photo_path`` is not one: tests/data is the same everywhere.)
+DATA_FIXTURES = frozenset({"image_a_path", "cifar_like_tree", "cifar_like_archive", "shared_cifar10"})
 #: Test modules that exercise the library's own data lookup (``../shared``, the cache), marked ``data`` as a whole.
 DATA_MODULES = frozenset({"test_labelled.py"})
 
