@@ -62,3 +62,13 @@ def test_run_demo_reports_what_it_drew(tmp_path, photo_path):
     assert not np.allclose(result.conv1_before, result.conv1_after)
     saved = load_trained(result.checkpoint).backbone.get_layer("conv1").conv.kernel
     np.testing.assert_allclose(np.asarray(saved), result.conv1_after)
+
+
+def test_demo_bad_input_is_one_line_before_any_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli.main(["keras-oneimage", "demo", f"--output_dir={blocker}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0]
+    assert cli.main(["keras-oneimage", "demo", f"--output_dir={tmp_path / 'o'}", f"--image={tmp_path / 'no.jpg'}"]) == 2
+    assert "no such file" in capsys.readouterr().err.lower() and not (tmp_path / "o").exists()
