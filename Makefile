@@ -14,10 +14,10 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# Offline: trains a small RotNet on an image shipped inside matplotlib, saves the checkpoint and a conv1 filter PNG.
+# Offline: trains a small RotNet on a photograph shipped inside matplotlib, probes it against its untrained self,
+# and draws both in demo_output/demo.png (keras_oneimage/demo.py); saves demo_output/model.keras.
 demo: $(STAMP)
-	$(BIN)/keras-oneimage fit --method rotnet --output_dir demo_output --image_size 32 --batch_size 32 \
-	    --epochs 3 --steps_per_epoch 40 --precision auto
+	$(BIN)/keras-oneimage demo --output_dir demo_output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

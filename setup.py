@@ -15,6 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["keras_oneimage", "keras_oneimage.*"]),
+    # Declared flat layout: `pip install -e .` then writes a plain .pth to the checkout instead of an import hook,
+    # whose install prints a warning that looks like an error to a newcomer.
+    package_dir={"": "."},
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.3,<4",

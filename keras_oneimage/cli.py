@@ -1,4 +1,4 @@
-"""`keras-oneimage fit|probe|export|serve|tune`: the command line, on absl flags.
+"""`keras-oneimage fit|probe|export|finetune|serve|tune|demo`: the command line, on absl flags.
 
 Bad input (a missing file, a bad flag value, …) prints one line on stderr and exits with status 2, never a
 traceback. Each command has its own flag set; `keras-oneimage COMMAND --help` lists it.
@@ -330,6 +330,32 @@ def _tune(fv: flags.FlagValues) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- demo
+def _demo_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("output_dir", "demo_output", "Where model.keras and demo.png go.", flag_values=fv)
+    flags.DEFINE_string("image", None, "Source image (default: the embedded photograph).", flag_values=fv)
+    flags.DEFINE_integer("image_size", 32, "Patch side in pixels.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Patches per step.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 3, "Epochs.", flag_values=fv)
+    flags.DEFINE_integer("steps_per_epoch", 40, "Steps per epoch.", flag_values=fv)
+    flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                      "Compute precision (as for fit).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+
+
+def _demo(fv: flags.FlagValues) -> int:
+    from keras_oneimage.demo import run_demo
+
+    result = run_demo(fv.output_dir, image=fv.image, image_size=fv.image_size, batch_size=fv.batch_size,
+                      epochs=fv.epochs, steps_per_epoch=fv.steps_per_epoch, precision=fv.precision, seed=fv.seed)
+    pairs = ", ".join(f"{layer} {100 * result.probe['random'][layer]:.0f}% -> {100 * acc:.0f}%"
+                      for layer, acc in result.probe["trained"].items())
+    print(f"probe accuracy, untrained -> trained trunk (chance {100 * result.chance:.0f}%): {pairs}")
+    print(f"trained model: {result.checkpoint}")
+    print(f"the picture: {result.picture}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
     "fit": ("train a self-supervised method on one image", _fit_flags, _fit),
     "probe": ("per-layer linear-probe accuracy of a trained trunk", _probe_flags, _probe),
@@ -338,6 +364,7 @@ COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[fla
                  _finetune_flags, _finetune),
     "serve": ("serve an exported model over TF Serving's REST API", _serve_flags, _serve),
     "tune": ("Keras Tuner search over augmentation strength, scored by probes", _tune_flags, _tune),
+    "demo": ("train on one photograph and draw what was learned (make demo)", _demo_flags, _demo),
 }
 
 

@@ -29,9 +29,9 @@ def _run(args, tmp_path, *, block_torch=False):
     return proc.stdout
 
 
-def test_quick_mode_completes_and_prints_ratios(tmp_path, image_a_path):
+def test_quick_mode_completes_and_prints_ratios(tmp_path, photo_path):
     out = tmp_path / "bench.json"
-    stdout = _run(["--quick", "--image", str(image_a_path), "--json", str(out)], tmp_path)
+    stdout = _run(["--quick", "--image", str(photo_path), "--json", str(out)], tmp_path)
     assert "parameter counts match" in stdout
     assert "RATIO 32px" in stdout
     results = json.loads(out.read_text())["32"]

@@ -1,4 +1,4 @@
-"""DeepCluster: the Sobel front end, balanced sampling, head reset, wiring into `fit`, and a short run on Image A."""
+"""DeepCluster: the Sobel front end, balanced sampling, head reset, wiring into `fit`, a short run on a photograph."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -107,14 +107,14 @@ def test_registry_options_and_errors():
         model.recluster(seed=0)
 
 
-def test_short_run_on_image_a(image_a_path, tmp_path):
+def test_short_run_on_a_photo(photo_path, tmp_path):
     from keras_oneimage.data.images import load_image
 
     keras.utils.set_random_seed(0)
     k, epochs, steps, batch = 10, 3, 48, 32
     model = DeepCluster(AlexNet("cifar", 32, sobel=True, widths=(32, 64, 64, 64, 32)), num_clusters=k,
                         pool_size=512, kmeans_iterations=10, head_widths=(128,))
-    context = FitContext(images=[load_image(image_a_path)], image_size=32, batch_size=batch, seed=0, augment=None,
+    context = FitContext(images=[load_image(photo_path)], image_size=32, batch_size=batch, seed=0, augment=None,
                          steps_per_epoch=steps, epochs=epochs, output_dir=None)
     data = model.make_dataset(context)
     assert data.element_spec.dtype == tf.int32 and data.element_spec.shape.as_list() == [batch]
@@ -166,7 +166,7 @@ def test_collapsed_features_warn_and_report_one_cluster():
     assert stats["clusters"] == 1.0 and float(model._state.nonempty) == 1.0
 
 
-def test_run_training_logs_nmi_and_checkpoints(image_a_path, tmp_path):
+def test_run_training_logs_nmi_and_checkpoints(photo_path, tmp_path):
     """What `fit` does with a DeepCluster: its dataset, its callbacks, history.csv with the clustering columns."""
     import csv
 
@@ -176,7 +176,7 @@ def test_run_training_logs_nmi_and_checkpoints(image_a_path, tmp_path):
     keras.utils.set_random_seed(1)
     model = DeepCluster(AlexNet("cifar", 32, sobel=True, widths=SMALL), num_clusters=4, pool_size=32,
                         kmeans_iterations=3)
-    context = FitContext(images=[load_image(image_a_path)], image_size=32, batch_size=8, seed=1, augment=None,
+    context = FitContext(images=[load_image(photo_path)], image_size=32, batch_size=8, seed=1, augment=None,
                          steps_per_epoch=2, epochs=2, output_dir=str(tmp_path))
     run_training(model, model.make_dataset(context), epochs=2, steps_per_epoch=2, output_dir=tmp_path,
                  context=context, verbose=0)

@@ -218,9 +218,9 @@ print("OK", logs["loss"], scores)
 """
 
 
-def test_two_replica_mirrored_matches_one_device_and_runs_every_method(tmp_path, image_a_path):
+def test_two_replica_mirrored_matches_one_device_and_runs_every_method(tmp_path, photo_path):
     """MirroredStrategy over 2 logical CPUs: RotNet loss curve = one device; DeepCluster, BiGAN, probes run."""
-    stdout = _run(_MIRRORED_SCRIPT, tmp_path, image_a_path, timeout=420)
+    stdout = _run(_MIRRORED_SCRIPT, tmp_path, photo_path, timeout=420)
     assert "OK" in stdout
 
 
@@ -292,11 +292,11 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path, image_a_path):
+def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path, photo_path):
     """MultiWorkerMirroredStrategy, 2 worker processes on 127.0.0.1: fit, resume, identical weights, NaN stop."""
     ports = ",".join(map(str, _free_ports(2)))
     logs = [(open(tmp_path / f"worker{i}.out", "w+"), open(tmp_path / f"worker{i}.err", "w+")) for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, str(i), ports, str(tmp_path), str(image_a_path)],
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, str(i), ports, str(tmp_path), str(photo_path)],
                               env=ENV, stdout=out, stderr=err, text=True) for i, (out, err) in enumerate(logs)]
     deadline = time.monotonic() + 420
     try:

@@ -1,4 +1,7 @@
-"""Labelled datasets: class-folder trees, archives (extracted once, atomically), local CIFAR-10, TFDS fallback."""
+"""Labelled datasets: class-folder trees, archives (extracted once, atomically), local CIFAR-10, TFDS fallback.
+
+CIFAR-10 runs on the tiny stand-in of ``conftest.make_cifar_like``; only the 50,000-image count needs ../shared.
+"""
 import os
 import pathlib
 import tarfile
@@ -16,9 +19,7 @@ from keras_oneimage.data.labelled import (
 )
 from keras_oneimage.errors import InputError
 
-from .conftest import SHARED
-
-CIFAR10_TARBALL = SHARED / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
+from .conftest import make_cifar_like, tar_tree
 CLASSES = ("ant", "bee", "cat")  # class c has channel c bright; pixel (0, 0) of red channel encodes the image id
 
 
@@ -259,25 +260,86 @@ def test_from_arrays_splits_and_validates():
         from_arrays(x.astype(np.float32), y, x, y)
 
 
-@pytest.fixture(scope="session")
-def cifar10_tiny():
-    """CIFAR-10 from ../shared: extracted once into ~/.cache/keras_oneimage/cifar10, reused by later sessions."""
-    if not CIFAR10_TARBALL.exists():
-        pytest.fail(f"{CIFAR10_TARBALL} is missing: tests need ../shared beside the checkout")
-    cache = pathlib.Path.home() / ".cache" / "keras_oneimage"
-    return load_labelled("cifar10", data_dir=CIFAR10_TARBALL, cache_dir=cache, max_per_class=3)
-
-
-def test_cifar10_local_tarball(cifar10_tiny):
-    data = cifar10_tiny
-    assert data.class_names == CIFAR10_CLASSES
-    assert (data.train_size, data.val_size, data.test_size) == (20, 10, 30)
-    assert pathlib.Path(data.source, "train", "airplane").is_dir()
+def _check_cifar_split(data, per_class: int) -> None:
     labels = []
     for image, label in data.test.as_numpy_iterator():
         assert image.shape == (32, 32, 3) and image.dtype == np.float32
         assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.01
         labels.append(int(label))
-    assert sorted(labels) == sorted(list(range(10)) * 3)
+    assert sorted(labels) == sorted(list(range(10)) * per_class)
+
+
+def test_cifar10_local_tarball(cifar_like_archive, tmp_path):
+    """The CIFAR-10 archive (here the stand-in, under the real file name) is extracted into the cache and scanned."""
+    cache = tmp_path / "cache"
+    data = load_labelled("cifar10", data_dir=cifar_like_archive, cache_dir=cache, max_per_class=3)
+    assert data.class_names == CIFAR10_CLASSES
+    assert (data.train_size, data.val_size, data.test_size) == (20, 10, 30)
+    assert pathlib.Path(data.source) == cache / "cifar10"
+    assert pathlib.Path(data.source, "train", "airplane", "0000.jpg").is_file()
+    _check_cifar_split(data, 3)
     full_count = sum(len(os.listdir(pathlib.Path(data.source, "train", c))) for c in CIFAR10_CLASSES)
-    assert full_count == 50_000
+    assert full_count == 40  # every image of the archive was extracted, not only the max_per_class subsample
+    folder = load_labelled("cifar10", data_dir=cifar_like_archive.parent, cache_dir=tmp_path / "other")
+    assert (folder.train_size + folder.val_size, folder.test_size) == (40, 30), "a folder holding the archive"
+
+
+def test_cifar10_lookup_order(cifar_like_tree, cifar_like_archive, tree, tmp_path, monkeypatch):
+    """data_dir, then $KERAS_ONEIMAGE_CIFAR10, then the cache, then ../shared (checksum verified), then TFDS."""
+    import tensorflow_datasets as tfds
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tfds.load must not be called when download=False and nothing is prepared")
+
+    for var in (labelled.CIFAR10_ENV, labelled.HIDE_SHARED_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(tfds, "load", no_network)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    shared_archive = tmp_path / "shared" / "data" / "cifar10" / labelled.CIFAR10_ARCHIVE
+    shared_archive.parent.mkdir(parents=True)
+    shared_archive.write_bytes(cifar_like_archive.read_bytes())
+    repo_archive = pathlib.Path(labelled.__file__).resolve().parents[3] / shared_archive.relative_to(tmp_path)
+    assert labelled._default_archives() == [shared_archive, repo_archive], "working directory first, then the repo"
+
+    # ../shared holds an archive that is not the known CIFAR-10 packaging: refused, not silently used.
+    with pytest.raises(InputError, match="sha256"):
+        load_labelled("cifar10", cache_dir=tmp_path / "c0")
+    monkeypatch.setattr(labelled, "CIFAR10_SHA256", labelled._sha256(shared_archive))
+    cache = tmp_path / "cache"
+    data = load_labelled("cifar10", cache_dir=cache)
+    assert pathlib.Path(data.source) == cache / "cifar10" and data.train_size + data.val_size == 40
+
+    # The completed extraction in the cache now wins over ../shared, even when ../shared changes.
+    smaller = make_cifar_like(tmp_path / "smaller", n_train=2, n_test=1)
+    tar_tree(smaller, shared_archive)
+    monkeypatch.setattr(labelled, "CIFAR10_SHA256", labelled._sha256(shared_archive))
+    assert load_labelled("cifar10", cache_dir=cache).test_size == 30
+    assert load_labelled("cifar10", cache_dir=tmp_path / "fresh").test_size == 10, "no cache: ../shared again"
+
+    # $KERAS_ONEIMAGE_CIFAR10 wins over the cache, data_dir over both.
+    monkeypatch.setenv(labelled.CIFAR10_ENV, str(tree))
+    assert load_labelled("cifar10", cache_dir=cache).class_names == CLASSES
+    assert load_labelled("cifar10", data_dir=cifar_like_tree, cache_dir=cache).class_names == CIFAR10_CLASSES
+    monkeypatch.delenv(labelled.CIFAR10_ENV)
+
+    # Hidden ../shared: a machine without it, no cache either, fails at once instead of reaching for the network.
+    monkeypatch.setenv(labelled.HIDE_SHARED_ENV, "1")
+    assert labelled._default_archives() == []
+    with pytest.raises(InputError, match="no local CIFAR-10"):
+        load_labelled("cifar10", cache_dir=tmp_path / "empty-cache")
+    monkeypatch.setenv(labelled.HIDE_SHARED_ENV, "0")
+    assert labelled._default_archives()[0] == shared_archive
+
+
+def test_cifar10_shared_tarball_is_the_full_dataset(shared_cifar10):
+    """The real CIFAR-10 from ../shared (skipped without it): extracted once into the user cache, all 60,000."""
+    cache = pathlib.Path.home() / ".cache" / "keras_oneimage"
+    data = load_labelled("cifar10", data_dir=shared_cifar10, cache_dir=cache, max_per_class=3)
+    assert data.class_names == CIFAR10_CLASSES
+    assert (data.train_size, data.val_size, data.test_size) == (20, 10, 30)
+    _check_cifar_split(data, 3)
+    for split, count in (("train", 50_000), ("test", 10_000)):
+        assert sum(len(os.listdir(pathlib.Path(data.source, split, c))) for c in CIFAR10_CLASSES) == count

@@ -88,3 +88,19 @@ def test_conv1_filter_comparison_shows_each_model(tmp_path):
     assert two.shape[1] > 1.5 * one.shape[1]  # a panel per model, side by side
     with pytest.raises(ValueError):
         conv1_filter_comparison({}, tmp_path / "none.png")
+
+
+def test_demo_figure_rejects_missing_parts(tmp_path):
+    from keras_oneimage.plots import demo_figure
+
+    kernel = np.random.default_rng(0).normal(size=(5, 5, 3, 8))
+    parts = dict(source=np.zeros((40, 40, 3), np.uint8), patches=np.zeros((4, 8, 8, 3)), steps_per_epoch=2,
+                 filters_before=kernel, filters_after=kernel + 0.1, chance=0.25)
+    with pytest.raises(InputError, match="loss"):
+        demo_figure(tmp_path / "a.png", curve={"loss": [1.0, 0.5], "rotation_accuracy": [0.5]},
+                    probe={"random": {"conv1": 0.3}}, **parts)
+    with pytest.raises(InputError, match="probe"):
+        demo_figure(tmp_path / "b.png", curve={"loss": [1.0], "rotation_accuracy": [0.5]}, probe={}, **parts)
+    path = demo_figure(tmp_path / "c.png", curve={"loss": [1.0, 0.5], "rotation_accuracy": [0.3, 0.6]},
+                       probe={"random": {"conv1": 0.3}, "trained": {"conv1": 0.4}}, **parts)
+    _read_nonconstant(path)

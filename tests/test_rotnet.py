@@ -1,4 +1,4 @@
-"""RotNet: exact rotations, registry wiring, serialisation, and that it learns on Image A."""
+"""RotNet: exact rotations, registry wiring, serialisation, and that it learns on a photograph."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -47,12 +47,12 @@ def test_logits_are_float32_and_model_round_trips(tmp_path):
     np.testing.assert_allclose(loaded(x, training=False).numpy(), logits.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_rotnet_learns_rotations_on_image_a(image_a_path):
+def test_rotnet_learns_rotations_on_a_photo(photo_path):
     from keras_oneimage.data.images import load_image
     from keras_oneimage.data.synthetic import patch_dataset
 
     keras.utils.set_random_seed(0)
-    data = patch_dataset([load_image(image_a_path)], image_size=32, batch_size=16, seed=0)
+    data = patch_dataset([load_image(photo_path)], image_size=32, batch_size=16, seed=0)
     model = RotNet(AlexNet("cifar", 32, widths=(16, 32, 48, 48, 32)), head_widths=(128, 128))
     model.compile(optimizer=model.default_optimizer())
     history = model.fit(data, epochs=3, steps_per_epoch=40, verbose=0, shuffle=False).history
@@ -75,14 +75,14 @@ def test_precision_resolution_and_scope():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_mixed_bfloat16_rotnet_learns_and_its_outputs_stay_float32(tmp_path, image_a_path):
+def test_mixed_bfloat16_rotnet_learns_and_its_outputs_stay_float32(tmp_path, photo_path):
     from keras_oneimage.data.images import load_image
     from keras_oneimage.data.synthetic import patch_dataset
     from keras_oneimage.export.savedmodel import export
     from keras_oneimage.methods.base import precision_scope
 
     keras.utils.set_random_seed(0)
-    data = patch_dataset([load_image(image_a_path)], image_size=32, batch_size=16, seed=0)
+    data = patch_dataset([load_image(photo_path)], image_size=32, batch_size=16, seed=0)
     with precision_scope("mixed_bfloat16"):
         model = RotNet(AlexNet("cifar", 32, widths=(16, 32, 48, 48, 32)), head_widths=(128, 128))
     assert model.head.get_layer("fc1").compute_dtype == "bfloat16"

@@ -95,9 +95,9 @@ def test_bad_image_raises_input_error(tmp_path):
         patch_dataset(str(tmp_path / "nope.jpg"))
 
 
-def test_bench_quick_mode_runs_and_prints_the_ratio_line(capsys, image_a_path):
+def test_bench_quick_mode_runs_and_prints_the_ratio_line(capsys, photo_path):
     from experiments import bench_augment
 
-    bench_augment.main(["--quick", "--image", str(image_a_path)])
+    bench_augment.main(["--quick", "--image", str(photo_path)])
     out = capsys.readouterr().out
     assert "ratio" in out.lower() and "(a)/(b)" in out

@@ -323,11 +323,11 @@ def test_refit_trains_the_best_recipe_longer(tmp_path, toy_data, small_image, st
     assert stubbed.train[-1]["epochs"] == 3 and stubbed.train[-1]["output_dir"] == tmp_path / "refit"
 
 
-def test_search_end_to_end_with_hyperband_continuation_then_resume(tmp_path, toy_data, image_a_path, probe_spy):
+def test_search_end_to_end_with_hyperband_continuation_then_resume(tmp_path, toy_data, photo_path, probe_spy):
     """Real training: two 1-epoch trials, then Hyperband promotes the better one to 2 epochs from its checkpoint."""
     args = dict(TINY, dataset=toy_data, algorithm="hyperband", epochs=2, hyperband_factor=2, max_trials=3,
                 directory=tmp_path, project_name="e2e")  # fmt: skip
-    result = tuning.tune(str(image_a_path), **args)
+    result = tuning.tune(str(photo_path), **args)
     assert result.trained == ["0", "1", "2"]
     assert [t["status"] for t in result.trials] == ["COMPLETED"] * 3
     assert [t["epochs"] for t in result.trials] == [1, 1, 2]
@@ -355,6 +355,6 @@ def test_search_end_to_end_with_hyperband_continuation_then_resume(tmp_path, toy
     assert rows[0] == parent_rows[0]  # epoch 0 is the parent's; only epoch 1 was trained in trial 2
 
     # Rerun in the same directory: nothing is trained again, the same answer comes back.
-    again = tuning.tune(str(image_a_path), **args)
+    again = tuning.tune(str(photo_path), **args)
     assert again.trained == [] and len(probe_spy) == 3
     assert again.best_hyperparameters == result.best_hyperparameters and again.best_score == result.best_score

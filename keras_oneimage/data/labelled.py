@@ -15,7 +15,9 @@ Where ``load_labelled("cifar10")`` looks, in order (the first hit wins; nothing 
 2. the environment variable ``KERAS_ONEIMAGE_CIFAR10`` (same forms);
 3. a completed extraction in the cache (``~/.cache/keras_oneimage/cifar10``, root overridable with
    ``KERAS_ONEIMAGE_CACHE`` or ``cache_dir=``);
-4. ``../shared/data/cifar10/cifar10-jpeg.tar.gz`` relative to the working directory or to the repository;
+4. ``../shared/data/cifar10/cifar10-jpeg.tar.gz`` relative to the working directory or to the repository (the
+   layout of this project's development machines; ``KERAS_ONEIMAGE_HIDE_SHARED=1`` skips this step, so such a
+   machine behaves like a fresh clone);
 5. a TFDS copy already prepared in the TFDS data dir (``TFDS_DATA_DIR``, default ``~/tensorflow_datasets``);
 6. ``download=True`` only: ``tfds.load("cifar10", download=True)``.
 
@@ -46,6 +48,7 @@ CIFAR10_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4
 CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
 CIFAR10_ENV = "KERAS_ONEIMAGE_CIFAR10"
 CACHE_ENV = "KERAS_ONEIMAGE_CACHE"
+HIDE_SHARED_ENV = "KERAS_ONEIMAGE_HIDE_SHARED"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 SPLITS = ("train", "val", "test")
 _MARKER = ".keras_oneimage_extracted.json"
@@ -416,8 +419,18 @@ def _from_tfds_cifar10(val_fraction: float, seed: int, max_per_class: int | None
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
+def shared_hidden() -> bool:
+    """Whether ``$KERAS_ONEIMAGE_HIDE_SHARED`` asks to ignore ``../shared`` (set and not ``0``/``false``/empty)."""
+    return os.environ.get(HIDE_SHARED_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _default_archives() -> list[pathlib.Path]:
-    """``../shared/data/cifar10/cifar10-jpeg.tar.gz`` relative to the working directory and to the repository."""
+    """``../shared/data/cifar10/cifar10-jpeg.tar.gz`` relative to the working directory and to the repository.
+
+    None when :func:`shared_hidden`.
+    """
+    if shared_hidden():
+        return []
     rel = pathlib.Path("..", "shared", "data", "cifar10", CIFAR10_ARCHIVE)
     repo = pathlib.Path(__file__).resolve().parents[2]
     seen, out = set(), []
