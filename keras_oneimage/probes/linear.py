@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
 
@@ -343,10 +344,9 @@ def _train(
     layers = check_layers(backbone, layers)
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
-    seed = _non_negative_int("seed", seed)
+    seed = validation.seed(seed)
     target_dims = _positive_int("target_dims", target_dims)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise InputError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    learning_rate = validation.positive_finite("learning_rate", learning_rate)
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise InputError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
     if not splits or any(split not in ("val", "test") for split in splits):
@@ -357,6 +357,9 @@ def _train(
         if data.size(split) == 0:
             raise InputError(f"the {split!r} split is empty" + (" (load it with val_fraction > 0)" * (split == "val")))
     size = _image_size(backbone, data, image_size)
+    # A batch larger than every split is one batch per epoch either way; clamping keeps tf.data from reserving
+    # room for a batch of a billion (probe --batch_size=1000000000 on 8 images ran CPU-bound for minutes).
+    batch_size = min(batch_size, max(data.train_size, *(data.size(split) for split in splits)))
 
     pooling = {
         layer: pooling_for(shape, target_dims) for layer, shape in tap_shapes(backbone, layers, size).items()
