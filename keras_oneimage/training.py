@@ -206,9 +206,11 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
         ensure_free_space(self.backup_dir, len(data) + copies, "the backup")
         try:
             _write_bytes(pending, data)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(pending):  # e.g. a full disk: leave no partial file behind
                 os.remove(pending)
+            if isinstance(exc, OSError) and not exc.filename:  # file.write() names no file: say which one
+                raise OSError(exc.errno, exc.strerror, pending) from exc
             raise
         state = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
                  "weights_sha256": hashlib.sha256(data).hexdigest()}

@@ -68,7 +68,7 @@ def utf8_path(name: str, value: Any) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise InputError(f"{name} {shown!r} is not valid UTF-8, which TensorFlow cannot write to; "
+        raise InputError(f"{name} '{shown}' is not valid UTF-8, which TensorFlow cannot write to; "
                          "choose a UTF-8 name") from None
     return text
 
