@@ -260,14 +260,15 @@ def fit(
 def _bytes_per_patch(backbone, image_size: int, method_cls) -> int:
     """A lower bound of the memory one patch of the batch needs in a training step (float32).
 
-    The patch itself, and for each trunk pass (``views_per_patch``) every tap's activations twice: kept for the
-    backward pass and their gradients. Heads, BatchNorm copies and optimizer state only add to it.
+    The patch itself and, for each trunk pass (``views_per_patch``), every tap's activations, which must all be
+    alive when the backward pass starts. Their gradients, the layers between taps, heads and optimizer state only
+    add to it, so a batch refused on this estimate cannot run.
     """
     activations = 0
     feature_shapes = getattr(backbone, "feature_shapes", None)
     if feature_shapes is not None:
         activations = sum(int(np.prod(shape)) for tap, shape in feature_shapes(image_size).items() if tap != "output")
-    per_view = image_size * image_size * 3 + 2 * activations
+    per_view = image_size * image_size * 3 + activations
     return 4 * per_view * max(1, int(getattr(method_cls, "views_per_patch", 1)))
 
 
