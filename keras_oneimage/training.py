@@ -182,12 +182,18 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
         if committed_epoch(self._weights_path, self._training_metadata_path,
                            self._prev_training_metadata_path) is None:
             return  # nothing committed: a fresh start
-        try:
-            super()._load_model()
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
-            raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
+        # Keras warns (on stderr) about every mismatched object before it gives up on a backup of another model;
+        # a refused resume must print its one line only, so the warnings are replayed only when the load succeeds.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                super()._load_model()
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
+                raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _save_model(self):
         """Keras's backup, made atomic: a kill at any instant leaves a loadable (weights, metadata) pair.
