@@ -9,7 +9,9 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from keras_oneimage import __version__
+import numpy as np
+
+from keras_oneimage import __version__, validation
 from keras_oneimage.errors import InputError
 
 #: The embedded default source image: a photograph shipped inside matplotlib, so `fit()` works offline with no data.
@@ -23,13 +25,7 @@ def default_image_path() -> str:
     return str(matplotlib.cbook.get_sample_data(DEFAULT_IMAGE_NAME, asfileobj=False))
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (hasattr(value, "__index__")):
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    value = int(value)
-    if value <= 0:
-        raise InputError(f"{name} must be a positive integer, got {value}")
-    return value
+_positive_int = validation.positive_int  # kept: tuning.py and older callers use api._positive_int
 
 
 def _image_digest(images: Sequence[Any]) -> list[str]:
@@ -175,7 +171,9 @@ def fit(
         from keras_oneimage.training import TimeBudget
 
         callbacks = [*(callbacks or []), TimeBudget(max_minutes)]  # InputError on a bad value
-    seed = int(seed)
+    seed = validation.seed(seed)
+    if output_dir is not None:
+        output_dir = validation.utf8_path("output_dir", output_dir)
     method_cls = registry.get(method)
     variant = _variant_for(image_size, variant)
     if augment is None:
@@ -231,7 +229,11 @@ def fit(
         backbone = AlexNet(variant=variant, image_size=image_size, **getattr(method_cls, "backbone_options", {}))
         model = method_cls(backbone=backbone, **method_options)
     run_info["precision"] = policy
-    out = _prepare_output_dir(output_dir, run_info, write=distribute_lib.is_chief(strategy))
+    validation.check_step_memory(batch_size, _bytes_per_patch(backbone, image_size, method_cls),
+                                 f"{method_cls.method_name} on {image_size}x{image_size} px patches")
+    chief = distribute_lib.is_chief(strategy)
+    found = _DirectoryState(output_dir) if output_dir is not None and chief else None
+    out = _prepare_output_dir(output_dir, run_info, write=chief)
     context = FitContext(
         images=images,
         image_size=image_size,
@@ -243,9 +245,63 @@ def fit(
         output_dir=distribute_lib.write_dir(out, strategy),  # a non-chief worker's scratch folder
     )
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
-        _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks, verbose)
+    try:
+        with scope:
+            _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks, verbose)
+    except InputError:
+        # Refused before training (e.g. a backup this method cannot resume): leave output_dir as it was found,
+        # so that the run it holds can still be resumed by the command that made it.
+        if found is not None:
+            found.restore()
+        raise
     return model
+
+
+def _bytes_per_patch(backbone, image_size: int, method_cls) -> int:
+    """A lower bound of the memory one patch of the batch needs in a training step (float32).
+
+    The patch itself and, for each trunk pass (``views_per_patch``), every tap's activations, which must all be
+    alive when the backward pass starts. Their gradients, the layers between taps, heads and optimizer state only
+    add to it, so a batch refused on this estimate cannot run.
+    """
+    activations = 0
+    feature_shapes = getattr(backbone, "feature_shapes", None)
+    if feature_shapes is not None:
+        activations = sum(int(np.prod(shape)) for tap, shape in feature_shapes(image_size).items() if tap != "output")
+    per_view = image_size * image_size * 3 + activations
+    return 4 * per_view * max(1, int(getattr(method_cls, "views_per_patch", 1)))
+
+
+class _DirectoryState:
+    """What `fit` found in ``output_dir`` (its top-level entries and ``run.json``), to put back after a refusal."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = pathlib.Path(output_dir)
+        self.existed = self.path.is_dir()
+        self.entries = set(os.listdir(self.path)) if self.existed else set()
+        run_file = self.path / "run.json"
+        self.run_json = run_file.read_bytes() if self.existed and run_file.is_file() else None
+
+    def restore(self) -> None:
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            for name in set(os.listdir(self.path)) - self.entries:
+                path = self.path / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            run_file = self.path / "run.json"
+            if self.run_json is not None and (not run_file.is_file() or run_file.read_bytes() != self.run_json):
+                tmp = run_file.with_name(".run.json.tmp")
+                tmp.write_bytes(self.run_json)
+                os.replace(tmp, run_file)
+        except OSError:
+            pass  # best effort: the refusal's own message matters more
 
 
 def _fit_in_scope(model, context, strategy, optimizer, lr_factor, out, callbacks, verbose) -> None:
@@ -346,12 +402,13 @@ def probe(
 
 def _tf_error_line(exc: Exception) -> str:
     """The informative line of a TensorFlow runtime error (not "Graph execution error:" or a node trace)."""
-    from keras_oneimage.data.labelled import BAD_IMAGE_MESSAGE
+    from keras_oneimage.data.labelled import BAD_IMAGE_MESSAGE, TOO_LARGE_MESSAGE
 
     text = str(getattr(exc, "message", exc))
-    if BAD_IMAGE_MESSAGE in text:  # our assertion: "... not a JPEG ... image:] [path]"
-        tail = text.split(BAD_IMAGE_MESSAGE, 1)[1].strip().lstrip("]").strip().lstrip("[")
-        return f"{BAD_IMAGE_MESSAGE} {tail.split(']', 1)[0]}"
+    for ours in (BAD_IMAGE_MESSAGE, TOO_LARGE_MESSAGE):
+        if ours in text:  # our assertion: "... not a JPEG ... image:] [path]"
+            tail = text.split(ours, 1)[1].strip().lstrip("]").strip().lstrip("[")
+            return f"{ours} {tail.split(']', 1)[0]}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Graph execution error", "Detected at node", "File ", "[["))
               and "Traceback" not in ln]

@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from keras_oneimage import validation  # noqa: E402
 from keras_oneimage.errors import InputError, NonFiniteLossError  # noqa: E402
 
 PROG = "keras-oneimage"
@@ -178,6 +179,7 @@ def _export(fv: flags.FlagValues) -> int:
         raise UsageError("--name is required")
     if os.sep in fv.name or fv.name in (".", ".."):
         raise UsageError(f"--name must be a plain name, got {fv.name!r}")
+    validation.utf8_path("--name", fv.name)  # before the base dir is created
     version_dir = export(fv.checkpoint, os.path.join(fv.base_dir, fv.name), layers=_split_list(fv.layers))
     print(f"exported {fv.layers} to {version_dir}")
     return 0

@@ -16,6 +16,7 @@ the chief's ``backup/``, which must therefore be on storage all workers share.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -181,28 +182,44 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
         if committed_epoch(self._weights_path, self._training_metadata_path,
                            self._prev_training_metadata_path) is None:
             return  # nothing committed: a fresh start
-        try:
-            super()._load_model()
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
-            raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
+        # Keras warns (on stderr) about every mismatched object before it gives up on a backup of another model;
+        # a refused resume must print its one line only, so the warnings are replayed only when the load succeeds.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                super()._load_model()
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
+                raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _save_model(self):
         """Keras's backup, made atomic: a kill at any instant leaves a loadable (weights, metadata) pair.
 
         The new weights go to a temporary file; the current pair is copied (each file atomically) to ``*.bkp``;
         then the weights and last the metadata, which records the weights' sha256, are renamed into place.
+
+        The weights are serialised in memory and written with plain file I/O: h5py writing straight to a full
+        disk fails half-way and leaves HDF5 holding a broken open file, which crashed the interpreter at exit
+        (SIGSEGV). Here a full disk is an ordinary OSError at the write, and free space is checked first.
         """
         os.makedirs(self.backup_dir, exist_ok=True)
         pending = os.path.join(self.backup_dir, ".pending.weights.h5")
+        data = weights_h5_bytes(self.model)
+        copies = len(data) if self.double_checkpoint and os.path.exists(self._weights_path) else 0
+        ensure_free_space(self.backup_dir, len(data) + copies, "the backup")
         try:
-            self.model.save_weights(pending, overwrite=True)
-        except BaseException:
+            _write_bytes(pending, data)
+        except BaseException as exc:
             if os.path.exists(pending):  # e.g. a full disk: leave no partial file behind
                 os.remove(pending)
+            if isinstance(exc, OSError) and not exc.filename:  # file.write() names no file: say which one
+                raise OSError(exc.errno, exc.strerror, pending) from exc
             raise
-        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights_sha256": _file_sha256(pending)}
+        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                 "weights_sha256": hashlib.sha256(data).hexdigest()}
         if self.double_checkpoint and os.path.exists(self._training_metadata_path) \
                 and os.path.exists(self._weights_path):
             _copy_atomic(self._weights_path, self._prev_weights_path)
@@ -325,10 +342,11 @@ class _RestoreFirst(keras.callbacks.Callback):
     epoch and weights, which fails when ``output_dir`` is not on storage every worker sees.
     """
 
-    def __init__(self, backup: _GuardedBackup, strategy: tf.distribute.Strategy | None = None):
+    def __init__(self, backup: _GuardedBackup, strategy: tf.distribute.Strategy | None = None, on_restored=None):
         super().__init__()
         self.backup = backup
         self.strategy = strategy
+        self.on_restored = on_restored
 
     def set_model(self, model):
         super().set_model(model)
@@ -347,6 +365,8 @@ class _RestoreFirst(keras.callbacks.Callback):
                 f"cannot resume from {self.backup.read_dir}: {exc}; delete that folder (or use another output_dir) "
                 "to start the run again"
             ) from None
+        if self.on_restored is not None:
+            self.on_restored()
         if multi_worker:
             epoch = getattr(self.model, "_initial_epoch", None) or 0
             if not distribute.workers_agree([epoch, _weights_fingerprint(self.model)], self.strategy):
@@ -367,8 +387,63 @@ def _file_sha256(path: str | os.PathLike) -> str:
 
 def _copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = f"{os.fspath(dst)}.tmp"
-    shutil.copyfile(src, tmp)
+    try:
+        shutil.copyfile(src, tmp)
+    except BaseException:
+        if os.path.exists(tmp):  # a full disk: no partial copy left behind
+            os.remove(tmp)
+        raise
     os.replace(tmp, dst)
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def weights_h5_bytes(model: keras.Model) -> bytes:
+    """The bytes ``model.save_weights("x.weights.h5")`` would write, produced in memory (h5py never touches disk).
+
+    Uses Keras's own writer (``saving_lib.H5IOStore`` on a ``BytesIO``, as ``save_weights`` does on a path). A
+    Keras release that moved it fails here with an ImportError/AttributeError, loudly, like `_GuardedBackup`'s
+    own check of Keras internals.
+    """
+    from keras.src.saving import saving_lib
+
+    buf = io.BytesIO()
+    store = saving_lib.H5IOStore(buf, mode="w")
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                               visited_saveables=set())
+    finally:
+        store.close()
+    return buf.getvalue()
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Bytes an unprivileged write may still use on the file system holding ``directory``."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise ``OSError(ENOSPC)`` before writing ``what`` when the disk has less than ``needed`` bytes (+ margin).
+
+    The margin (10 % of the write, plus 1 MiB for the small files and file-system overhead) makes the check
+    hold even though the files of an epoch differ a little in size from the previous ones.
+    """
+    needed = int(needed * 1.1) + (1 << 20)
+    try:
+        free = free_bytes(directory)
+    except OSError:
+        return  # cannot tell (e.g. the directory is gone): the write itself reports the problem
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough free space for {what}: about {_mib(needed)} needed, "
+                      f"{_mib(free)} free", str(directory))
 
 
 #: Temporary files of the atomic writes above and below; a killed run can leave them, the next run deletes them.
@@ -439,6 +514,40 @@ class HistoryCSV(keras.callbacks.Callback):
         _write_atomic(self.path, buf.getvalue())
 
 
+def _roll_back_to_committed(out: pathlib.Path, where: pathlib.Path | None) -> int:
+    """After a failed write: make ``history.csv`` (and, with no committed epoch, ``model.keras``) match the backup.
+
+    The backup is the commit record: an epoch whose backup was not written is redone by the rerun. Its row in
+    ``history.csv`` (written first at the epoch end) is dropped now, and a ``model.keras`` written by an epoch that
+    never committed is removed when no epoch committed at all; otherwise ``history.csv`` listed an epoch 0 with
+    no resumable state behind it. Best effort: on a full disk even the rewrite can fail, and the rerun drops the
+    rows anyway. Returns the number of committed epochs.
+    """
+    done = completed_epochs(out)
+    if where is None:
+        return done
+    history = where / HISTORY_CSV
+    try:
+        if done == 0:
+            for name in (HISTORY_CSV, CHECKPOINT, FILTERS_PNG):
+                (where / name).unlink(missing_ok=True)
+        elif history.exists():
+            with open(history, newline="") as f:
+                reader = csv.DictReader(f)
+                fields, rows = reader.fieldnames or ["epoch"], list(reader)
+            kept = [r for r in rows if _int_or(r.get("epoch"), -1) < done]
+            if len(kept) != len(rows):
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(kept)
+                _write_atomic(history, buf.getvalue())
+    except OSError:
+        pass
+    _remove_stale_temporaries(where)
+    return done
+
+
 def _int_or(value: Any, default: int) -> int:
     try:
         return int(value)
@@ -492,6 +601,57 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._ok() and not (self.output_dir / FILTERS_PNG).exists():
             self._plot("conv1")
+
+
+def _variables_bytes(model: keras.Model) -> int:
+    variables = list(model.weights)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+class _FreeSpaceCheck(keras.callbacks.Callback):
+    """Before an epoch's files are written, check the disk can hold them all: otherwise none of them is written.
+
+    An epoch end writes ``model.keras`` (through a temporary copy), the backup weights and a copy of the previous
+    backup. Their sizes are taken from the previous save (the model's variables when there is none yet). At
+    ``on_train_begin`` a disk that cannot hold even one epoch's files refuses the run before it trains
+    (`InputError`: nothing written); later, the epoch end fails with ``OSError(ENOSPC)`` before writing anything,
+    and the files of the last completed epoch stay as they were.
+    """
+
+    def __init__(self, output_dir: pathlib.Path, backup_dir: str, guard: NonFiniteGuard):
+        super().__init__()
+        self.output_dir = output_dir
+        self.backup_dir = backup_dir
+        self.guard = guard
+
+    def needed(self) -> int:
+        estimate = _variables_bytes(self.model)
+
+        def size(path) -> int:
+            try:
+                return os.path.getsize(path)
+            except OSError:
+                return estimate
+
+        model_bytes = size(self.output_dir / CHECKPOINT)
+        latest = pathlib.Path(self.backup_dir) / "latest.weights.h5"  # keras.callbacks.BackupAndRestore's name
+        backup_bytes = size(latest)
+        # model.keras goes through a temporary file beside the old one; the backup writes its new weights and
+        # copies the previous ones to *.bkp before renaming; the first epoch adds both files to the disk.
+        return model_bytes + backup_bytes * (2 if latest.exists() else 1)
+
+    def on_train_begin(self, logs=None):
+        try:
+            ensure_free_space(self.output_dir, self.needed(), "one epoch's checkpoint and backup")
+        except OSError as exc:
+            raise InputError(f"cannot train in output_dir {str(self.output_dir)!r}: {exc.strerror}; free some space "
+                             "or use another output_dir") from None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.failure is None:
+            ensure_free_space(self.output_dir, self.needed(), f"epoch {epoch + 1}'s checkpoint and backup")
 
 
 def _ensure_built(model: keras.Model, dataset) -> None:
@@ -583,10 +743,11 @@ def run_training(
             where.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create output_dir {str(where)!r}: {exc.strerror or exc}") from None
-        _remove_stale_temporaries(where)
         backup = _GuardedBackup(str(out / BACKUP_DIR), guard, write_dir=str(where / BACKUP_DIR))
-        head.append(_RestoreFirst(backup, strategy))
+        # Stale temporaries are deleted only once the restore succeeded: a refused run leaves the directory as it was.
+        head.append(_RestoreFirst(backup, strategy, on_restored=lambda: _remove_stale_temporaries(where)))
         tail += [
+            _FreeSpaceCheck(where, str(where / BACKUP_DIR), guard),  # before any of the epoch's files is written
             HistoryCSV(where / HISTORY_CSV, guard),
             EpochCheckpoint(where, guard),
             keras.callbacks.TensorBoard(log_dir=str(where / LOGS_DIR), write_graph=False, profile_batch=0),
@@ -610,10 +771,13 @@ def run_training(
         if out is None:
             raise
         where_ = f": {exc.filename}" if exc.filename else ""
+        done = _roll_back_to_committed(out, where if scratch is None else None)
+        kept = (f"the files of the last completed epoch ({done}) are intact: rerun the same command to resume"
+                if done else "no epoch was completed, so nothing of it was kept: rerun the same command to start")
         raise OSError(
             exc.errno,
-            f"cannot write the training output in {str(out)!r} ({exc.strerror or exc}{where_}); the files of the "
-            "last completed epoch are intact: rerun the same command to resume once it can write there",
+            f"cannot write the training output in {str(out)!r} ({exc.strerror or exc}{where_}); {kept} once it "
+            "can write there",
         ) from exc
     finally:
         # BackupAndRestore leaves the resumed epoch on the model; a later fit() of the same model must not inherit it.

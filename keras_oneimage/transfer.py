@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.checkpoints import backbone_of
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
@@ -195,7 +196,7 @@ def finetune(
     init = freeze if init is None else _check_taps("init", init)
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
-    seed = _non_negative_int("seed", seed)
+    seed = validation.seed(seed)
     learning_rate = _number("learning_rate", learning_rate, low=0.0, low_open=True)
     momentum = _number("momentum", momentum, low=0.0, high=1.0)
     weight_decay = _number("weight_decay", weight_decay, low=0.0)

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 
 import keras_tuner
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError, NonFiniteLossError
 
 ALGORITHMS = ("bayesian", "hyperband", "random")
@@ -834,8 +835,9 @@ def tune(
     probe_batch_size = api._positive_int("probe_batch_size", probe_batch_size)
     if refit_epochs is not None:
         refit_epochs = api._positive_int("refit_epochs", refit_epochs)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = validation.seed(seed)
+    if probe_learning_rate is not None:
+        probe_learning_rate = validation.positive_finite("probe_learning_rate", probe_learning_rate)
     if algorithm == "hyperband":
         if isinstance(hyperband_factor, bool) or not isinstance(hyperband_factor, int) or hyperband_factor < 2:
             raise InputError(f"hyperband_factor must be an integer >= 2, got {hyperband_factor!r}")

@@ -26,6 +26,10 @@ HINTS = {
     "tiny_1x1": "min_size",
     "bomb_png": "max_pixels",
     "bomb_jpeg": "max_pixels",
+    # issue 17: a header claiming 9000x9000 over 16x16 of data (libjpeg only warns, then fills 243 MB of gray)
+    "lying_jpeg": "fewer than the 316,406 such a jpeg needs",
+    "symlink_loop": "symlink loop",
+    "float_tiff_out_of_range": "[0, 1]",  # mode F holding 0..255: refused, not clipped to a white/black image
 }
 
 
@@ -118,6 +122,12 @@ def make_corpus(dirpath: str | os.PathLike) -> dict[str, tuple[str, str]]:
     write("tiny_1x1", "tiny.png", png_bytes(Image.new("RGB", (1, 1), (10, 20, 30))), "error")
     write("bomb_png", "bomb.png", bomb_png(), "error")
     write("bomb_jpeg", "bomb.jpg", bomb_jpeg(), "error")
+    write("lying_jpeg", "lying.jpg", bomb_jpeg(9000, 9000), "error")  # 81 Mpx: under max_pixels, over its data
+    loop = os.path.join(root, "loop.jpg")
+    if not os.path.lexists(loop):
+        os.symlink(loop, loop)
+    corpus["symlink_loop"] = (loop, "error")
+    write("float_tiff_out_of_range", "float255.tif", tiff_bytes(card[..., 0].astype(np.float32)), "error")
 
     # --- must load
     write("plain_jpeg", "plain.jpg", good_jpeg, "ok")
@@ -143,4 +153,12 @@ def make_corpus(dirpath: str | os.PathLike) -> dict[str, tuple[str, str]]:
     buf = io.BytesIO()
     Image.fromarray(card).save(buf, format="BMP")
     write("rgb_bmp", "rgb.bmp", buf.getvalue(), "ok")
+    write("float_tiff", "float01.tif", tiff_bytes(card[..., 0].astype(np.float32) / 255), "ok")  # gray in [0, 1]
     return corpus
+
+
+def tiff_bytes(gray: np.ndarray) -> bytes:
+    """A 32-bit float (Pillow mode "F") TIFF of a 2-D float32 array, as scientific cameras write."""
+    buf = io.BytesIO()
+    Image.fromarray(gray.astype(np.float32)).save(buf, format="TIFF")  # float32 2-D: mode "F"
+    return buf.getvalue()

@@ -17,7 +17,7 @@ def corpus(tmp_path_factory):
 
 def _ok_names():
     return ["plain_jpeg", "non_utf8_name", "exif_rotated", "cmyk_jpeg", "animated_gif", "png_16bit", "rgba_png",
-            "gray_png", "gray_jpeg", "palette_bmp", "rgb_bmp"]
+            "gray_png", "gray_jpeg", "palette_bmp", "rgb_bmp", "float_tiff"]
 
 
 @pytest.mark.parametrize("name", sorted(bad_inputs.HINTS))
@@ -56,6 +56,9 @@ def test_lossless_files_match_the_test_card(corpus):
     assert palette.shape == card.shape and np.abs(palette - card).mean() < 16
     gray = load_image(corpus["gray_png"][0])
     assert np.array_equal(gray[..., 0], card[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+    # A float TIFF (mode F) in [0, 1] is scaled to 0..255, not clipped to an all-black image (issue 17, case 8).
+    float_gray = load_image(corpus["float_tiff"][0])
+    assert np.array_equal(float_gray[..., 0], card[..., 0]) and np.array_equal(float_gray[..., 0], float_gray[..., 1])
 
 
 def test_jpeg_variants_match_the_test_card(corpus):

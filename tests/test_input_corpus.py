@@ -105,7 +105,7 @@ def _fit_flags(**overrides) -> list[str]:
 # ================================================================================================ fit: image files
 ERROR_FILES = sorted(bad_inputs.HINTS)
 LEGIT_FILES = ["plain_jpeg", "non_utf8_name", "exif_rotated", "cmyk_jpeg", "animated_gif", "png_16bit",
-               "rgba_png", "gray_png", "gray_jpeg", "palette_bmp", "rgb_bmp"]
+               "rgba_png", "gray_png", "gray_jpeg", "palette_bmp", "rgb_bmp", "float_tiff"]
 
 
 def test_corpus_names_match(corpus):
@@ -635,3 +635,202 @@ def test_real_process_prints_exactly_one_line(artefacts, tmp_path):
         "archive (a zip file); corrupt, truncated or not a checkpoint"
     ]
     assert not (tmp_path / "models").exists()
+
+
+# =============================================================================== issue 17: the remaining holes
+def _listing(root: pathlib.Path) -> dict[str, str]:
+    """Every path under ``root`` with the sha256 of its bytes ("dir" for folders): equal listings = untouched."""
+    if not root.exists():
+        return {}
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64], ids=["negative", "two_to_the_64"])
+def test_fit_refuses_a_seed_out_of_range(good_image, tmp_path, capsys, seed):
+    """Case 2: these were "internal error: ValueError: Seed must be between 0 and 2**32 - 1" (exit 1)."""
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as info:
+        api.fit(good_image, output_dir=out, **_fit_kwargs(seed=seed))
+    assert_api_error(info, "seed must be an integer in [0, 2**32 - 1]")
+    rc, _, err = run_cli(capsys, "fit", f"--image={good_image}", f"--output_dir={out}", *_fit_flags(seed=seed))
+    assert_cli_error(rc, err, "fit", "seed must be an integer in [0, 2**32 - 1]")
+    assert not out.exists()
+
+
+def test_fit_refuses_a_batch_above_tensorflows_int32_before_writing(good_image, tmp_path, capsys):
+    """Case 2: --batch_size=2147483648 was an internal error that left logs/ and run.json behind."""
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "fit", f"--image={good_image}", f"--output_dir={out}",
+                         *_fit_flags(batch_size=2**31))
+    assert_cli_error(rc, err, "fit", "above 2**31 - 1")
+    assert not out.exists()
+
+
+def test_fit_refuses_output_dirs_that_are_not_utf8_or_not_paths(good_image, tmp_path, capsys):
+    """Case 2: a non-UTF-8 output_dir was an internal error from TensorBoard, after run.json was written."""
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"run_\xff"))
+    with pytest.raises(InputError) as info:
+        api.fit(good_image, output_dir=out, **_fit_kwargs())
+    assert_api_error(info, "not valid utf-8")
+    assert "\\xff" in str(info.value)
+    rc, _, err = run_cli(capsys, "fit", f"--image={good_image}", f"--output_dir={out}", *_fit_flags())
+    assert_cli_error(rc, err, "fit", "not valid utf-8")
+    assert os.listdir(tmp_path) == [], "nothing may be created"
+    with pytest.raises(InputError) as info:  # was a TypeError from pathlib
+        api.fit(good_image, output_dir=12345, **_fit_kwargs())
+    assert_api_error(info, "output_dir must be a path")
+    assert not os.path.exists("12345")
+
+
+def test_export_refuses_a_name_that_is_not_utf8(trained, tmp_path, capsys):
+    """Case 2: export --name with a non-UTF-8 byte was an internal error that left an empty base dir."""
+    from keras_oneimage.export import export
+
+    name = os.fsdecode(b"m_\xff")
+    rc, out, err = run_cli(capsys, "export", f"--checkpoint={trained}", f"--name={name}",
+                           f"--base_dir={tmp_path / 'models'}", "--layers=conv1")
+    assert_cli_error(rc, err, "export", "--name 'm_\\xff' is not valid utf-8")
+    assert out == ""
+    with pytest.raises(InputError) as info:
+        export(str(trained), os.path.join(tmp_path / "models", name), layers=["conv1"])
+    assert_api_error(info, "base_dir")
+    assert not (tmp_path / "models").exists()
+
+
+def test_fit_refuses_a_batch_that_cannot_fit_in_memory_with_the_estimate(good_image, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Case 3: --batch_size=10000000 failed after 50 s with ResourceExhaustedError and left run.json behind."""
+    from keras_oneimage import validation
+
+    monkeypatch.setattr(validation, "physical_memory_bytes", lambda: 8 * 2**30)  # the same on every machine
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as info:
+        api.fit(good_image, output_dir=out, **_fit_kwargs(batch_size=10_000_000))
+    assert_api_error(info, "needs at least")
+    message = str(info.value)
+    assert "batch_size=10,000,000" in message and "8.0 GiB" in message and "use a batch_size of at most" in message
+    rc, _, err = run_cli(capsys, "fit", f"--image={good_image}", f"--output_dir={out}",
+                         *_fit_flags(batch_size=10_000_000))
+    assert_cli_error(rc, err, "fit", "GiB of memory per training step")
+    assert not out.exists()
+    api.fit(good_image, output_dir=out, **_fit_kwargs(batch_size=4))  # an ordinary batch still trains
+
+
+def test_probe_clamps_a_huge_batch_to_the_data(trained, artefacts, capsys, monkeypatch):
+    """Case 4: probe --batch_size=1000000000 on 8 images ran CPU-bound for minutes; the batch is now the data."""
+    from keras_oneimage.probes import linear
+
+    seen = []
+    real = linear.train_pipeline
+
+    def spy(ds, size, num_examples, batch_size, seed):
+        seen.append((num_examples, batch_size))
+        return real(ds, size, num_examples, batch_size, seed)
+
+    monkeypatch.setattr(linear, "train_pipeline", spy)
+    rc, out, err = run_cli(capsys, "probe", f"--checkpoint={trained}", f"--dataset={artefacts['dataset']}",
+                           "--layers=conv1", "--epochs=1", "--batch_size=1000000000")
+    assert rc == 0, err
+    assert "conv1" in out
+    assert len(seen) == 1 and seen[0][1] <= 4, seen  # 2 classes x 2 images in test/, fewer in train/
+
+
+def test_refused_fit_leaves_a_run_dir_without_run_json_exactly_as_found(trained, tmp_path, capsys):
+    """Case 5: fit --method=deepcluster on a rotnet run without run.json was refused but wrote run.json first,
+    so the rotnet run could not be resumed any more."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "run.json").unlink()
+    before = _listing(run)
+    images = [f"--image={p}" for p in json.loads((trained / "run.json").read_text())["image_source"]]
+    rc, _, err = run_cli(capsys, "fit", *images, f"--output_dir={run}",
+                         *_fit_flags(method="deepcluster", epochs=2))
+    assert_cli_error(rc, err, "fit", "cannot resume")
+    assert _listing(run) == before, "a refused command must leave the directory exactly as it found it"
+    rc, _, err = run_cli(capsys, "fit", *images, f"--output_dir={run}", *_fit_flags(epochs=2))
+    assert rc == 0, err  # the original run resumes: epoch 1 is trained on top of the saved epoch 0
+    assert [row.split(",")[0] for row in (run / "history.csv").read_text().splitlines()[1:]] == ["0", "1"]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_learning_rates_are_refused_everywhere(trained, artefacts, good_image, tmp_path, capsys, value):
+    """Case 9: probe --learning_rate=inf trained to a NaN loss and reported 50 %."""
+    from keras_oneimage.transfer import finetune
+
+    rate = float(value)
+    for command, flags_ in (("probe", [f"--checkpoint={trained}", "--layers=conv1"]),
+                            ("finetune", [f"--source={trained}"])):
+        rc, out, err = run_cli(capsys, command, *flags_, f"--dataset={artefacts['dataset']}", "--epochs=1",
+                               "--batch_size=4", f"--learning_rate={value}")
+        assert_cli_error(rc, err, command, "learning_rate")
+        assert "%" not in out
+    with pytest.raises(InputError) as info:
+        api.probe(str(trained), artefacts["dataset"], layers=["conv1"], epochs=1, learning_rate=rate)
+    assert_api_error(info, "learning_rate must be a")
+    with pytest.raises(InputError) as info:
+        finetune(str(trained), artefacts["dataset"], epochs=1, learning_rate=rate)
+    assert_api_error(info, "learning_rate must be a finite")
+    tuning = pytest.importorskip("keras_oneimage.tuning")
+    kwargs = _tune_defaults(good_image, artefacts, tmp_path)
+    with pytest.raises(InputError) as info:
+        tuning.tune(kwargs.pop("image"), **kwargs, probe_learning_rate=rate)
+    assert_api_error(info, "probe_learning_rate must be a")
+
+
+def test_a_dataset_with_one_class_is_refused(trained, tmp_path, capsys):
+    """Case 10: a class-folder tree with one class scored 100 %."""
+    from PIL import Image
+
+    from keras_oneimage.data.labelled import from_arrays
+
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / "one" / split / "cat" / f"{i}.png")
+    rc, out, err = run_cli(capsys, "probe", f"--checkpoint={trained}", f"--dataset={tmp_path / 'one'}",
+                           "--layers=conv1", "--epochs=1", "--batch_size=4")
+    assert_cli_error(rc, err, "probe", "needs at least 2 classes")
+    assert "%" not in out
+    with pytest.raises(InputError) as info:
+        api.probe(str(trained), str(tmp_path / "one"), layers=["conv1"], epochs=1)
+    assert_api_error(info, "1 class folder ('cat')")
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(InputError) as info:
+        from_arrays(images, np.zeros(4, int), images, np.zeros(4, int))
+    assert_api_error(info, "at least 2 classes")
+
+
+def test_an_oversized_image_in_a_dataset_is_named_with_the_limit(trained, artefacts, tmp_path, capsys):
+    """Case 11: a 60000x60000 PNG gave TF's cut message "PNG size too large for int: 60000 by 60", no file."""
+    import shutil
+
+    root = tmp_path / "dataset"
+    shutil.copytree(artefacts["dataset"], root)
+    big = root / "train" / "red" / "huge.png"
+    big.write_bytes(bad_inputs.bomb_png(60_000, 60_000))
+    rc, out, err = run_cli(capsys, "probe", f"--checkpoint={trained}", f"--dataset={root}", "--layers=conv1",
+                           "--epochs=1", "--batch_size=4")
+    assert_cli_error(rc, err, "probe", f"above max_pixels=100,000,000 declared pixels): {big}")
+    with pytest.raises(InputError) as info:
+        api.probe(str(trained), str(root), layers=["conv1"], epochs=1, batch_size=4)
+    assert_api_error(info, str(big))
+
+
+def test_symlink_loops_are_named_as_such(trained, tmp_path, capsys):
+    """Case 12: a symlink loop was reported as "no such file" (the image case is in the corpus: symlink_loop)."""
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    rc, _, err = run_cli(capsys, "probe", f"--checkpoint={trained}", f"--dataset={loop}", "--layers=conv1",
+                         "--epochs=1")
+    assert_cli_error(rc, err, "probe", "symlink loop")
+    dangling = tmp_path / "dangling.jpg"
+    os.symlink(tmp_path / "gone.jpg", dangling)
+    with pytest.raises(InputError) as info:
+        load_image(dangling)
+    assert_api_error(info, "broken symbolic link")

@@ -7,6 +7,7 @@ is an :class:`~keras_oneimage.errors.InputError` whose one-line message names th
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -36,7 +37,69 @@ def _display(path: str | bytes) -> str:
     return repr(text)
 
 
+def missing_reason(path: str | bytes | os.PathLike) -> str:
+    """Why ``os.path.exists(path)`` is False, in words: ``"no such file"``, ``"symlink loop"``, a dangling link...
+
+    ``os.path.exists`` answers False for every failing ``stat``; the user needs to know which it was.
+    """
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (a symbolic link that points back to itself, directly or through others)"
+        if err.errno == errno.ENOENT and os.path.islink(path):
+            return f"broken symbolic link (it points to {_display(os.readlink(path))}, which does not exist)"
+        if err.errno == errno.ENOENT:
+            return "no such file"
+        if err.errno == errno.ENOTDIR:
+            return "no such file (a part of the path is not a directory)"
+        return f"cannot read the file ({err.strerror or err})"
+    return "no such file"
+
+
 # ----------------------------------------------------------------------------------------------- headers
+#: Huffman-coded frame types: sequential (baseline/extended/lossless) and progressive. Arithmetic coding (C9-CF)
+#: can squeeze a flat block below a bit, so the data-size check below does not apply to it.
+_JPEG_HUFFMAN_SEQUENTIAL = {0xC0, 0xC1, 0xC3}
+_JPEG_HUFFMAN_PROGRESSIVE = {0xC2}
+
+
+def _jpeg_too_short(data: bytes, width: int, height: int) -> str | None:
+    """Why a JPEG cannot hold the ``width x height`` image its header declares, or None.
+
+    libjpeg decodes a scan that ends early (a header claiming 9000x9000 over 16x16 of data) with only a warning
+    ("Corrupt JPEG data: premature end of data segment") and fills the rest: TF and Pillow both return a huge,
+    mostly flat image. Every 8x8 block of a Huffman-coded JPEG costs at least 2 bits in a sequential scan (a DC
+    code and an end-of-block code) and at least 1 bit in a progressive one (its DC code in the first scan), so a
+    file smaller than that for the blocks of its largest component is truncated or lying.
+    """
+    sof = _jpeg_frame_marker(data)
+    bits_per_block = 2 if sof in _JPEG_HUFFMAN_SEQUENTIAL else 1 if sof in _JPEG_HUFFMAN_PROGRESSIVE else 0
+    needed = ((width + 7) // 8) * ((height + 7) // 8) * bits_per_block // 8
+    if len(data) < needed:
+        return (f"the header declares {width}x{height} pixels, but the file has only {len(data):,} bytes, fewer "
+                f"than the {needed:,} such a JPEG needs at the least (truncated or corrupt file)")
+    return None
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD9)):
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
+            return marker
+        if marker == 0xDA:
+            return None
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
+
+
 def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
     """``(width, height, components, exif_orientation)`` from JPEG markers, without decoding."""
     pos, orientation = 2, 1
@@ -195,6 +258,8 @@ def _decode_with_pillow(data: bytes, what: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.seek(0)
+            if image.mode == "F":  # 32-bit float (TIFF): convert("RGB") would clip 0..1 to black; keep the floats
+                return np.asarray(image, dtype=np.float32)  # _to_rgb_uint8 takes [0, 1], refuses other ranges
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int64)
                 if array.dtype == np.int64:
@@ -227,7 +292,7 @@ def _load_path(path: str | os.PathLike, max_pixels: int, min_size: int) -> np.nd
     fs_path = os.fspath(path)
     what = _display(fs_path)
     if not os.path.exists(fs_path):
-        raise InputError(f"{what}: no such file")
+        raise InputError(f"{what}: {missing_reason(fs_path)}")
     if os.path.isdir(fs_path):
         raise InputError(f"{what}: is a directory, not an image file")
     try:
@@ -268,6 +333,10 @@ def _load_path(path: str | os.PathLike, max_pixels: int, min_size: int) -> np.nd
     if width * height > max_pixels:
         raise InputError(f"{what}: the header declares {width}x{height} = {width * height:,} pixels, above "
                          f"max_pixels={max_pixels:,}; pass a larger max_pixels (CLI: --max_pixels) if you trust it")
+    if fmt == "jpeg":
+        short = _jpeg_too_short(data, width, height)
+        if short is not None:
+            raise InputError(f"{what}: {short}")
     array = _to_rgb_uint8(_decode(data, fmt, components, what), what)
     if fmt == "jpeg" and orientation != 1:
         array = _orient(array, orientation)

@@ -121,7 +121,11 @@ def load_labelled(
 
     path = pathlib.Path(name_or_path).expanduser()
     if not path.exists():
-        raise InputError(f"labelled dataset {str(name_or_path)!r} is neither 'cifar10' nor an existing path")
+        from keras_oneimage.data.images import missing_reason
+
+        reason = missing_reason(path)
+        detail = "" if reason == "no such file" else f" ({reason})"
+        raise InputError(f"labelled dataset {str(name_or_path)!r} is neither 'cifar10' nor an existing path{detail}")
     if path.is_file():
         if not _is_archive(path):
             raise InputError(f"{path} is a file but not a .tar.gz/.tgz/.tar archive of a class-folder tree")
@@ -168,6 +172,9 @@ def from_arrays(
     names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
     if len(names) < num_classes:
         raise InputError(f"{len(names)} class names for labels up to {num_classes - 1}")
+    if len(np.unique(labels)) < 2:
+        raise InputError(f"the labels hold {len(np.unique(labels))} class; a labelled dataset needs at least 2 "
+                         "classes (with one, every probe scores 100 %)")
     rng = np.random.Generator(np.random.Philox(seed))
     train_idx, val_idx = [], []
     for label in range(len(names)):
@@ -300,6 +307,9 @@ def scan_tree(root: str | os.PathLike) -> tuple[tuple[str, ...], dict[str, list[
             f"{root}: train/ and test/ have different classes (only in train: {only_train}, only in test: {only_test})"
         )
     names = tuple(classes["train"])
+    if len(names) < 2:  # one class: every probe scores 100 %, a meaningless number
+        raise InputError(f"{root} has {len(names)} class folder ({names[0]!r}); a labelled dataset needs at least 2 "
+                         "classes")
     files: dict[str, list[list[str]]] = {}
     for split in ("train", "test"):
         files[split] = []
@@ -354,12 +364,50 @@ def _from_tree(root: pathlib.Path, val_fraction: float, seed: int, max_per_class
 #: Leading bytes of the formats ``tf.io.decode_image`` reads; another file fails with its path in the message.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 BAD_IMAGE_MESSAGE = "not a JPEG, PNG, GIF, BMP or WebP image:"
+#: The largest image (declared width x height) of a labelled set; the same bound as the source images'.
+MAX_PIXELS = 100_000_000
+TOO_LARGE_MESSAGE = f"image too large (above max_pixels={MAX_PIXELS:,} declared pixels):"
+
+
+def _uint(data: tf.Tensor, start: int, length: int, little_endian: bool) -> tf.Tensor:
+    raw = tf.io.decode_raw(tf.strings.substr(data, start, length), tf.uint8)
+    raw = tf.cast(tf.pad(raw, [[0, length - tf.shape(raw)[0]]]), tf.int64)  # a short file reads as 0
+    weights = tf.constant([256**i for i in (range(length) if little_endian else reversed(range(length)))], tf.int64)
+    return tf.reduce_sum(raw * weights)
+
+
+def _declared_pixels(data: tf.Tensor) -> tf.Tensor:
+    """width x height from the header (PNG, GIF, BMP; JPEG through TF's header parser), 0 when unknown.
+
+    Checked before decoding: TF fails on a 60000x60000 PNG with an allocation message that names no file and is
+    cut at 60 characters ("PNG size too large for int: 60000 by 60").
+    """
+    def starts(magic: bytes) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(data, 0, len(magic)), magic)
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    return tf.case([
+        (starts(b"\x89PNG"), lambda: _uint(data, 16, 4, False) * _uint(data, 20, 4, False)),
+        (starts(b"GIF8"), lambda: _uint(data, 6, 2, True) * _uint(data, 8, 2, True)),
+        # BMP sizes are signed 32-bit (a negative height means top-down): the magnitude counts
+        (starts(b"BM"), lambda: tf.abs(_signed32(_uint(data, 18, 4, True)) * _signed32(_uint(data, 22, 4, True)))),
+        (starts(b"\xff\xd8\xff"), jpeg),
+    ], default=lambda: tf.constant(0, tf.int64))
+
+
+def _signed32(value: tf.Tensor) -> tf.Tensor:
+    return tf.where(value >= 2**31, value - 2**32, value)
 
 
 def _decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     data = tf.io.read_file(path)
     known = tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _IMAGE_MAGIC]))
     with tf.control_dependencies([tf.debugging.Assert(known, [BAD_IMAGE_MESSAGE, path])]):
+        pixels = _declared_pixels(data)
+    with tf.control_dependencies([tf.debugging.Assert(pixels <= MAX_PIXELS, [TOO_LARGE_MESSAGE, path])]):
         image = tf.io.decode_image(data, channels=3, dtype=tf.float32, expand_animations=False)
     return image, label
 

@@ -27,6 +27,7 @@ import shutil
 import uuid
 from typing import Any, Mapping, Sequence
 
+from keras_oneimage import validation
 from keras_oneimage.checkpoints import load_checkpoint
 from keras_oneimage.errors import InputError
 
@@ -265,6 +266,7 @@ def export(
 
     import keras_oneimage
 
+    base_dir = validation.utf8_path("base_dir", base_dir)  # SavedModel writes through TF's UTF-8 file system
     backbone, method, provenance = _resolve_backbone(model_or_backbone)
     layers = _check_layers(backbone, layers)
     if metadata is not None and not isinstance(metadata, Mapping):

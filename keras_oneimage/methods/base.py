@@ -156,6 +156,9 @@ class SelfSupervisedMethod(keras.Model):
     """
 
     method_name: str = "base"
+    #: How many trunk passes one patch of the batch costs in a training step (RotNet: its 4 rotations); `fit`'s
+    #: memory estimate multiplies by it (keras_oneimage.validation.check_step_memory).
+    views_per_patch: int = 1
 
     def __init__(self, backbone: keras.Model, **kwargs):
         super().__init__(**kwargs)

@@ -55,6 +55,8 @@ class RotNet(SelfSupervisedMethod):
             ``(4096, 4096)`` as Gidaris et al. 2018 for the "imagenet" variant; ``(1024, 1024)`` for "cifar".
     """
 
+    views_per_patch = NUM_ROTATIONS
+
     def __init__(self, backbone: keras.Model, head_widths: Sequence[int] | None = None, **kwargs):
         kwargs.setdefault("name", "rotnet")
         super().__init__(backbone, **kwargs)

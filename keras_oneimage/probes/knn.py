@@ -19,6 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData
 from keras_oneimage.errors import InputError
 from keras_oneimage.probes.linear import (
@@ -79,8 +80,8 @@ def knn_predict(
     k = _positive_int("k", k)
     batch_size = _positive_int("batch_size", batch_size)
     max_query_bytes = _positive_int("max_query_bytes", max_query_bytes)
-    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise InputError(f"temperature must be a positive number or None, got {temperature!r}")
+    if temperature is not None:
+        temperature = validation.positive_finite("temperature", temperature)
     if split not in ("val", "test"):
         raise InputError(f"split must be 'val' or 'test', got {split!r}")
     if data.train_size == 0 or data.size(split) == 0:
@@ -91,6 +92,7 @@ def knn_predict(
         for layer, shape in tap_shapes(backbone, layers, size).items()
     }
     k = min(k, data.train_size)
+    batch_size = min(batch_size, max(data.train_size, data.size(split)))  # as the linear probe: no billion-row batch
     embed = _embedder(backbone, pooling)
     bank = eval_pipeline(data.train, size, batch_size)
     chunk = max(1, max_query_bytes // (4 * sum(spec.dims for spec in pooling.values())))

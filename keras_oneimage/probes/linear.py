@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
 from keras_oneimage.probes.protocols import ProbeProtocol, get_protocol
@@ -412,15 +413,15 @@ def _train(
 ) -> tuple[LinearProbes, Callable[[str], tf.data.Dataset]]:
     data = as_labelled(data)
     layers = check_layers(backbone, layers)
-    epochs = _positive_int("epochs", protocol.epochs if epochs is None else epochs)
-    batch_size = _positive_int("batch_size", protocol.batch_size if batch_size is None else batch_size)
-    learning_rate = protocol.learning_rate if learning_rate is None else learning_rate
-    weight_decay = protocol.weight_decay if weight_decay is None else weight_decay
-    seed = _non_negative_int("seed", seed)
+    given = protocol.resolve(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             weight_decay=weight_decay)
+    epochs = _positive_int("epochs", given["epochs"])
+    batch_size = _positive_int("batch_size", given["batch_size"])
+    learning_rate = validation.positive_finite("learning_rate", given["learning_rate"])
+    weight_decay = given["weight_decay"]
+    seed = validation.seed(seed)
     if target_dims is not None:
         target_dims = _positive_int("target_dims", target_dims)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise InputError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise InputError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
     if not splits or any(split not in ("val", "test") for split in splits):
@@ -434,6 +435,9 @@ def _train(
     if protocol.eval_resize is not None and protocol.eval_resize < size:
         raise InputError(f"the {protocol.name!r} protocol resizes test images to {protocol.eval_resize} px, "
                          f"below the probe input of {size} px")
+    # A batch larger than every split is one batch per epoch either way; clamping keeps tf.data from reserving
+    # room for a batch of a billion (probe --batch_size=1000000000 on 8 images ran CPU-bound for minutes).
+    batch_size = min(batch_size, max(data.train_size, *(data.size(split) for split in splits)))
     pooling = protocol_pooling(protocol, tap_shapes(backbone, layers, size), target_dims)
 
     def evaluation_images(name: str) -> tf.data.Dataset:
@@ -508,14 +512,12 @@ def train_probes_on_taps(
     This is the cached path of :func:`probe_splits`; it also lets a study pool one trunk pass several ways.
     """
     protocol = get_protocol(protocol)
-    epochs = protocol.epochs if epochs is None else epochs
-    batch_size = protocol.batch_size if batch_size is None else batch_size
-    learning_rate = protocol.learning_rate if learning_rate is None else learning_rate
-    weight_decay = protocol.weight_decay if weight_decay is None else weight_decay
+    given = protocol.resolve(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             weight_decay=weight_decay)
     specs = {layer: PoolSpec(1, 1, 0, v.shape[1:], v.shape[1:]) for layer, v in taps.items()}
     model = LinearProbes(PooledTaps(), specs, num_classes, seed=seed)
-    _compile_and_fit(model, taps_dataset(taps, labels, batch_size, seed), protocol, epochs, learning_rate,
-                     weight_decay, verbose)
+    _compile_and_fit(model, taps_dataset(taps, labels, given["batch_size"], seed), protocol, given["epochs"],
+                     given["learning_rate"], given["weight_decay"], verbose)
     return model
 
 

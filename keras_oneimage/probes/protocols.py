@@ -49,6 +49,11 @@ class ProbeProtocol:
     weight_decay: float = 1e-5
     batch_size: int = 192
 
+    def resolve(self, **given) -> dict:
+        """``given`` (``epochs``, ``batch_size``, ``learning_rate``, ``weight_decay``) with every ``None`` replaced
+        by this protocol's value: explicit arguments win over the protocol."""
+        return {name: getattr(self, name) if value is None else value for name, value in given.items()}
+
 
 #: The paper's fixed pooling after each tap, (size, stride, padding), from the authors' probe code.
 PAPER_POOLING = {
