@@ -227,6 +227,8 @@ def report(args: argparse.Namespace) -> str:
 
     import numpy as np
 
+    import collect_results
+
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.plots import conv1_filter_comparison, layer_accuracy_plot
 
@@ -282,14 +284,9 @@ def report(args: argparse.Namespace) -> str:
     lines += ["", f"![per-layer accuracy](figures/{name}_layers.png)", "",
               f"![conv1 filters](figures/{name}_conv1.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     results = pathlib.Path(args.results_md)
     text = results.read_text() if results.exists() else "# Results\n"
-    if start in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    results.write_text(text)
+    results.write_text(collect_results.insert(text, name, section))
     return section
 
 

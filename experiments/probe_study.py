@@ -44,8 +44,6 @@ SETTINGS = {
 #: "supervised_epochN" probes a reference still training, from its backup after epoch N (a trend, not the verdict).
 TRUNKS = ("random0", "random1", "supervised")
 LAYERS = ("conv1", "conv2")
-MARK_START = "<!-- probe_study:start -->"
-MARK_END = "<!-- probe_study:end -->"
 
 
 def parse_args(argv=None):
@@ -210,9 +208,11 @@ def run(args) -> None:
 def report(args) -> str:
     import statistics
 
+    import collect_results
+
     out = pathlib.Path(args.out)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    lines = [MARK_START, "### The study's measurements (validation split)", "",
+    lines = ["<!-- probe_study:start -->", "### The study's measurements (validation split)", "",
              "| setting | stem | input | protocol | pooled dims conv1 / conv2 | random conv1 | random conv2 | "
              "supervised conv1 | supervised conv2 | gap conv1 | gap conv2 | trunk images/s |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -241,15 +241,10 @@ def report(args) -> str:
         dims = _dims(variant, size, protocol)
         lines.append(f"| {setting} | {variant} | {size} | {_protocol_name(setting)} | {dims} | {r1} | {r2} | {s1} | {s2} | "
                      f"{g1} | {g2} | {rate:,.0f} |")
-    lines += ["", MARK_END]
+    lines += ["", "<!-- probe_study:end -->"]
     section = "\n".join(lines)
     results = pathlib.Path(args.results_md)
-    text = results.read_text()
-    if MARK_START in text:
-        text = text[: text.index(MARK_START)] + section + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    results.write_text(text)
+    results.write_text(collect_results.insert(results.read_text(), "probe_study", section))
     return section
 
 

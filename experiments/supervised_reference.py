@@ -179,13 +179,12 @@ def load_trunk(image_size: int, variant: str = "auto", seed: int = 0, out: str |
     model, _ = build_classifier(args)
     model.load_weights(str(backup / "latest.weights.h5"))
     epoch = json.loads((backup / "training_metadata.json").read_text())["epoch"] + 1
-    rows = (args.out / "curve.csv").read_text().splitlines()[1:]
-    val = float(rows[epoch - 1].split(",")[header_index(args.out / "curve.csv", "val_accuracy")]) if rows else None
-    return model.backbone, {"partial": True, "epochs_run": epoch, "best_val_accuracy": val, "test_accuracy": None}
+    import csv
 
-
-def header_index(csv_path: pathlib.Path, column: str) -> int:
-    return csv_path.read_text().splitlines()[0].split(",").index(column)
+    with open(args.out / "curve.csv") as f:
+        val = {int(r["epoch"]) + 1: float(r["val_accuracy"]) for r in csv.DictReader(f)}
+    return model.backbone, {"partial": True, "epochs_run": epoch, "best_val_accuracy": val.get(epoch),
+                            "test_accuracy": None}
 
 
 if __name__ == "__main__":

@@ -159,8 +159,11 @@ multi, multi_curve = curve(strategy)
 assert multi.distribute_strategy is strategy
 assert single_curve[-1] != single_curve[0]
 np.testing.assert_allclose(multi_curve, single_curve, rtol=1e-4)
+# The all-reduce sums the replicas' gradients in another order than one device's batch mean; after 4 momentum steps
+# that float32 rounding reaches ~3e-4 in conv1's kernel on an AVX2 CPU (2026-12-01), while a wrong gradient
+# scale or an unsynced replica moves weights by a whole update (lr 0.05 x gradient), far above 1e-3.
 for a, b in zip(single.weights, multi.weights):
-    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-3, err_msg=a.path)
 print("curve", single_curve.round(5).tolist(), multi_curve.round(5).tolist())
 
 # 2. The patch stream: per-replica batches, and no two replicas get the same patches.
