@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from keras_oneimage.errors import InputError
 
@@ -106,3 +106,23 @@ def check_step_memory(batch_size: int, bytes_per_example: int, what: str) -> int
             f"use a batch_size of at most {max(1, available // max(1, bytes_per_example)):,}"
         )
     return estimate
+
+
+def layer_names(value: Any, known: Sequence[str], label: str = "layers") -> tuple[str, ...]:
+    """``value`` (a tap name or a sequence of them) as a tuple of distinct names in ``known``, in the given order.
+
+    ``known`` is read from the trunk (its ``TAPS``), never copied, so every trunk checks the names it has.
+    """
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise InputError(f"{label} must be a layer name or a sequence of them, got {value!r}") from None
+    known = tuple(known)
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise InputError(f"unknown layer(s) {bad or list(names)} in {label}; choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"{label} has duplicates: {list(names)}")
+    return names
