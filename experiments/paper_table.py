@@ -55,7 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (or 'all')")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each (row, seed) is one run")
-    p.add_argument("--out", default=None, help="JSON results and checkpoints (default: outputs/table_<protocol>)")
+    p.add_argument("--out", default=None,
+                   help="checkpoints and trunk weights, outside git (default: outputs/table_<protocol><size>)")
+    p.add_argument("--records", default=None,
+                   help="per-row JSON records and conv1 kernels, small and tracked in git so that rows accumulate "
+                        "across sessions (default: results/table_<protocol><size>)")
     p.add_argument("--protocol", default="coarse", help="probe protocol (keras_oneimage.probes.protocols)")
     p.add_argument("--image_size", type=int, default=32, help="patch and probe image size (CIFAR: 32)")
     p.add_argument("--batch_size", type=int, default=64)
@@ -86,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_per_class = args.max_per_class or 20
     if args.out is None:
         args.out = str(HERE / "outputs" / f"table_{args.protocol}{args.image_size}")
+    if args.records is None:
+        args.records = args.out if args.quick else str(HERE / "results" / f"table_{args.protocol}{args.image_size}")
     return args
 
 
@@ -168,6 +174,7 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
 
 def run_rows(args: argparse.Namespace) -> None:
     import cifar_arrays
+    import numpy as np
 
     from keras_oneimage.training import configure_threads
 
@@ -177,12 +184,13 @@ def run_rows(args: argparse.Namespace) -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"unknown rows: {unknown}; choose from {list(ROWS)}")
-    out = pathlib.Path(args.out)
+    out, records = pathlib.Path(args.out), pathlib.Path(args.records)
     out.mkdir(parents=True, exist_ok=True)
+    records.mkdir(parents=True, exist_ok=True)
     data = cifar_arrays.labelled(max_per_class=args.max_per_class)
     for row in rows:
         for seed in args.seeds:
-            path = out / f"{row}__s{seed}.json"
+            path = records / f"{row}__s{seed}.json"
             if path.exists():
                 print(f"[{row} seed {seed}] done already ({path}); delete it to rerun")
                 continue
@@ -197,6 +205,9 @@ def run_rows(args: argparse.Namespace) -> None:
                           probe_augment=bool(args.probe_augment), probe_lr=args.probe_lr,
                           cifar_train_images=data.train_size, cifar_test_images=data.test_size)
             backbone.save_weights(str(out / f"{row}__s{seed}.weights.h5"))
+            # conv1 alone (tens of kB) is kept beside the record, so the Fig. 3 panel survives the weights' cache
+            np.savez(records / f"{row}__s{seed}.conv1.npz", kernel=np.asarray(backbone.get_layer("conv1").conv.kernel),
+                     sobel=bool(getattr(backbone, "sobel", False)))
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(record, indent=2))
             os.replace(tmp, path)
@@ -232,7 +243,7 @@ def report(args: argparse.Namespace) -> str:
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.plots import conv1_filter_comparison, layer_accuracy_plot
 
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.records)
     records = _load_records(out)
     if not records:
         sys.exit(f"no finished rows in {out}")
@@ -245,12 +256,13 @@ def report(args: argparse.Namespace) -> str:
                         title=f"CIFAR-10 (JPEG) linear probes, test ({args.protocol} protocol)")
     trunks = {}
     for row, recs in records.items():
-        weights = out / f"{row}__s{recs[0]['seed']}.weights.h5"
-        if weights.exists() and row != "random":
+        kernel = out / f"{row}__s{recs[0]['seed']}.conv1.npz"
+        if kernel.exists() and row != "random":
             size = recs[0]["image_size"]
-            net = AlexNet("cifar" if size < 128 else "imagenet", size, sobel=recs[0]["method"] == "deepcluster")
-            net(np.zeros((1, size, size, 3), "float32"))
-            net.load_weights(str(weights))
+            with np.load(kernel) as saved:
+                net = AlexNet("cifar" if size < 128 else "imagenet", size, sobel=bool(saved["sobel"]))
+                net(np.zeros((1, size, size, 3), "float32"))
+                net.get_layer("conv1").conv.kernel.assign(saved["kernel"])
             trunks[row] = net
     if trunks:
         conv1_filter_comparison(trunks, figures / f"{name}_conv1.png")

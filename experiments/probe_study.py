@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--trunks", default="all", help=f"comma-separated subset of {', '.join(TRUNKS)}")
     p.add_argument("--probe_epochs", type=int, default=36)
     p.add_argument("--probe_seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE / "outputs" / "probe_study"))
+    p.add_argument("--out", default=str(HERE / "results" / "probe_study"),
+                   help="one small JSON per (setting, trunk), tracked in git so the study accumulates across sessions")
     p.add_argument("--max_per_class", type=int, default=None, help="subsample train and test per class")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report", action="store_true")

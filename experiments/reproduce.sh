@@ -25,7 +25,7 @@ fi
 # 2. The converged supervised reference of the chosen setting (cosine schedule, early stop on val), then its
 #    probes in the study.
 if has reference; then
-  $PY experiments/supervised_reference.py --image_size "$SIZE" --epochs 15 --patience 3
+  $PY experiments/supervised_reference.py --image_size "$SIZE" --epochs 8 --patience 3
   $PY experiments/probe_study.py --trunks supervised
   $PY experiments/probe_study.py --report
 fi

@@ -149,6 +149,10 @@ def main(argv=None) -> dict:
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, record_path)
+    if not args.quick:  # the record (not the weights) is tracked in git: the curve outlives the machine's cache
+        tracked = HERE / "results" / "supervised" / f"{out.name}.json"
+        tracked.parent.mkdir(parents=True, exist_ok=True)
+        tracked.write_text(json.dumps(record, indent=2))
     print(f"best val {record['best_val_accuracy']:.4f}, test {record['test_accuracy']:.4f} -> {out}")
     return record
 
