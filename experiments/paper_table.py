@@ -45,7 +45,17 @@ ROWS = {
     "bigan_b": ("bigan", "image_b.jpg"),
     "random": (None, None),
     "supervised": ("supervised", None),
+    # The N-image curve (issue #18): RotNet from N CIFAR-10 train images scaled up, at the same step count.
+    "rotnet_n1": ("rotnet", "cifar:1"),
+    "rotnet_n10": ("rotnet", "cifar:10"),
+    "rotnet_n100": ("rotnet", "cifar:100"),
+    "rotnet_n1000": ("rotnet", "cifar:1000"),
 }
+#: The rows of the N-image curve and their N.
+N_IMAGE_ROWS = {"rotnet_n1": 1, "rotnet_n10": 10, "rotnet_n100": 100, "rotnet_n1000": 1000}
+#: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
+#: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
+CIFAR_SOURCE_UPSCALE = 4
 #: Steps (batches of 64 patches at 32 px) each method made in 30 minutes: six times its 5-minute run of
 #: 2026-11-26 (RESULTS.md: RotNet 246 steps in bf16, DeepCluster 301, BiGAN 403). Fixed, so load changes only time.
 STEPS_30MIN = {"rotnet": 1500, "deepcluster": 1800, "bigan": 2400}
@@ -125,6 +135,27 @@ def _probe_both_splits(backbone, data, args) -> dict[str, dict[str, float]]:
     return probe_splits(backbone, data, ("val", "test"), **options)
 
 
+def cifar_source_images(count: int, seed: int) -> "np.ndarray":
+    """``count`` CIFAR-10 train images (a seeded draw, classes balanced as far as ``count`` allows), scaled up.
+
+    They come from the probes' train split: self-supervision sees them without labels, as ImageNet methods see
+    the images their probes later train on. N = 1 is then a CIFAR image too, so the curve compares like with like.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    import cifar_arrays
+
+    arrays = cifar_arrays.load_arrays()
+    x, y = arrays["train_x"], arrays["train_y"]
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
+    picks = [per_class[i % 10][i // 10] for i in range(count)]  # round-robin over the classes
+    side = x.shape[1] * CIFAR_SOURCE_UPSCALE
+    up = tf.image.resize(x[picks].astype(np.float32), (side, side), method="bicubic")
+    return np.clip(np.round(up.numpy()), 0, 255).astype(np.uint8)
+
+
 def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     """Train (or build, or load) the trunk of ``row`` and return its record (without probe results)."""
     import keras
@@ -160,8 +191,12 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     else:
         steps = method_steps(method, args)
         callbacks = [TimeBudget(args.train_minutes)] if args.train_minutes else []
+        if image_name.startswith("cifar:"):
+            source = cifar_source_images(int(image_name.split(":")[1]), seed)
+        else:
+            source = str(SHARED_IMAGES / image_name)
         model = api.fit(
-            str(SHARED_IMAGES / image_name), method=method, image_size=args.image_size,
+            source, method=method, image_size=args.image_size,
             batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
             steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
             callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,
@@ -247,6 +282,12 @@ def report(args: argparse.Namespace) -> str:
     records = _load_records(out)
     if not records:
         sys.exit(f"no finished rows in {out}")
+    curve = {row: recs for row, recs in records.items() if row in N_IMAGE_ROWS}
+    if curve:
+        report_n_images(curve, records.get("supervised"), args)
+    records = {row: recs for row, recs in records.items() if row not in N_IMAGE_ROWS}
+    if not records:
+        return "only N-image rows are finished; the table section waits for its rows"
     name = args.section
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -295,6 +336,53 @@ def report(args: argparse.Namespace) -> str:
         lines.append(f"- `{row}`: `{command}`")
     lines += ["", f"![per-layer accuracy](figures/{name}_layers.png)", "",
               f"![conv1 filters](figures/{name}_conv1.png)", "", f"<!-- {name}:end -->"]
+    section = "\n".join(lines)
+    results = pathlib.Path(args.results_md)
+    text = results.read_text() if results.exists() else "# Results\n"
+    results.write_text(collect_results.insert(text, name, section))
+    return section
+
+
+def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None, args: argparse.Namespace) -> str:
+    """RESULTS.md section and figure of the N-image curve: test accuracy per layer against N source images."""
+    import statistics
+
+    from matplotlib.figure import Figure
+
+    import collect_results
+
+    name = f"n_images_{args.protocol}{args.image_size}"
+    ns = sorted(N_IMAGE_ROWS[row] for row in curve)
+    by_n = {N_IMAGE_ROWS[row]: recs for row, recs in curve.items()}
+    mean = {n: {k: 100 * statistics.mean(r["probe"]["test"][k] for r in recs) for k in TAPS} for n, recs in by_n.items()}
+    sup = {k: 100 * statistics.mean(r["probe"]["test"][k] for r in supervised) for k in TAPS} if supervised else None
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    for i, layer in enumerate(TAPS):
+        color = f"C{i}"
+        ax.plot(ns, [mean[n][layer] for n in ns], marker="o", color=color, label=layer)
+        if sup:
+            ax.axhline(sup[layer], color=color, linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("source images N (CIFAR-10 train, scaled up 4x)")
+    ax.set_ylabel("linear probe test accuracy (%)")
+    ax.set_title("RotNet from N images" + ("; dashed: supervised" if sup else ""))
+    ax.legend(fontsize="small")
+    figures = pathlib.Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figures / f"{name}.png", dpi=120, bbox_inches="tight")
+    lines = [f"<!-- {name}:start -->",
+             f"### RotNet from N source images, {args.protocol} protocol, {args.image_size} px (test accuracy, %)", "",
+             "| N | seeds | " + " | ".join(TAPS) + " | steps |", "| ---: | ---: |" + " ---: |" * (len(TAPS) + 1)]
+    for n in ns:
+        recs = by_n[n]
+        lines.append(f"| {n} | {','.join(str(r['seed']) for r in recs)} | "
+                     + " | ".join(_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in TAPS)
+                     + f" | {recs[0].get('steps', '')} |")
+    if sup:
+        lines.append("| supervised | | " + " | ".join(f"{sup[k]:.1f}" for k in TAPS) + " | |")
+    lines += ["", f"![N-image curve](figures/{name}.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
     results = pathlib.Path(args.results_md)
     text = results.read_text() if results.exists() else "# Results\n"
