@@ -7,6 +7,7 @@ with :func:`keras_oneimage.data.labelled.from_arrays`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 
@@ -21,6 +22,7 @@ def cache_path(seed: int, val_fraction: float) -> pathlib.Path:
     return default_cache_dir() / f"cifar10_arrays_seed{seed}_val{val_fraction:g}.npz"
 
 
+@functools.lru_cache(maxsize=2)  # the table's N-image rows and its probes read the same 180 MB file
 def load_arrays(seed: int = 0, val_fraction: float = 0.1, data_dir: str | None = None) -> dict[str, np.ndarray]:
     """``{"train_x", "train_y", "val_x", "val_y", "test_x", "test_y"}``; decodes and caches on first use."""
     path = cache_path(seed, val_fraction)

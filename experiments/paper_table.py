@@ -45,14 +45,10 @@ ROWS = {
     "bigan_b": ("bigan", "image_b.jpg"),
     "random": (None, None),
     "supervised": ("supervised", None),
-    # The N-image curve (issue #18): RotNet from N CIFAR-10 train images scaled up, at the same step count.
-    "rotnet_n1": ("rotnet", "cifar:1"),
-    "rotnet_n10": ("rotnet", "cifar:10"),
-    "rotnet_n100": ("rotnet", "cifar:100"),
-    "rotnet_n1000": ("rotnet", "cifar:1000"),
 }
-#: The rows of the N-image curve and their N.
-N_IMAGE_ROWS = {"rotnet_n1": 1, "rotnet_n10": 10, "rotnet_n100": 100, "rotnet_n1000": 1000}
+#: The N-image curve (issue #18): RotNet from N CIFAR-10 train images scaled up, at the same step count.
+N_IMAGE_ROWS = {f"rotnet_n{n}": n for n in (1, 10, 100, 1000)}
+ROWS.update({row: ("rotnet", f"{n} CIFAR-10 train images") for row, n in N_IMAGE_ROWS.items()})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4
@@ -191,8 +187,8 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     else:
         steps = method_steps(method, args)
         callbacks = [TimeBudget(args.train_minutes)] if args.train_minutes else []
-        if image_name.startswith("cifar:"):
-            source = cifar_source_images(int(image_name.split(":")[1]), seed)
+        if row in N_IMAGE_ROWS:
+            source = cifar_source_images(N_IMAGE_ROWS[row], seed)
         else:
             source = str(SHARED_IMAGES / image_name)
         model = api.fit(
@@ -273,8 +269,6 @@ def report(args: argparse.Namespace) -> str:
 
     import numpy as np
 
-    import collect_results
-
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.plots import conv1_filter_comparison, layer_accuracy_plot
 
@@ -337,10 +331,17 @@ def report(args: argparse.Namespace) -> str:
     lines += ["", f"![per-layer accuracy](figures/{name}_layers.png)", "",
               f"![conv1 filters](figures/{name}_conv1.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
+    _write_section(args, name, section)
+    return section
+
+
+def _write_section(args: argparse.Namespace, name: str, section: str) -> None:
+    """Put ``section`` between its ``name`` markers in RESULTS.md (replacing an earlier one)."""
+    import collect_results
+
     results = pathlib.Path(args.results_md)
     text = results.read_text() if results.exists() else "# Results\n"
     results.write_text(collect_results.insert(text, name, section))
-    return section
 
 
 def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None, args: argparse.Namespace) -> str:
@@ -348,8 +349,6 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
     import statistics
 
     from matplotlib.figure import Figure
-
-    import collect_results
 
     name = f"n_images_{args.protocol}{args.image_size}"
     ns = sorted(N_IMAGE_ROWS[row] for row in curve)
@@ -384,9 +383,7 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
         lines.append("| supervised | | " + " | ".join(f"{sup[k]:.1f}" for k in TAPS) + " | |")
     lines += ["", f"![N-image curve](figures/{name}.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
-    results = pathlib.Path(args.results_md)
-    text = results.read_text() if results.exists() else "# Results\n"
-    results.write_text(collect_results.insert(text, name, section))
+    _write_section(args, name, section)
     return section
 
 
