@@ -226,7 +226,8 @@ def fit(
     # Under a strategy everything (weights, DeepCluster's pool, optimizer slots) is created in its scope.
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope, precision_scope(precision) as policy:
-        backbone = AlexNet(variant=variant, image_size=image_size, **getattr(method_cls, "backbone_options", {}))
+        backbone = AlexNet(variant=variant, image_size=method_cls.trunk_input_size(image_size),
+                           **getattr(method_cls, "backbone_options", {}))
         model = method_cls(backbone=backbone, **method_options)
     run_info["precision"] = policy
     validation.check_step_memory(batch_size, _bytes_per_patch(backbone, image_size, method_cls),

@@ -422,7 +422,7 @@ def train_method(
     if widths is not None:
         backbone_kwargs["widths"] = tuple(widths)
     with precision_scope(precision):
-        backbone = AlexNet(variant=variant, image_size=image_size, **backbone_kwargs)
+        backbone = AlexNet(variant=variant, image_size=method_cls.trunk_input_size(image_size), **backbone_kwargs)
         model = method_cls(backbone=backbone, **dict(method_options or {}))
     context = FitContext(
         images=sources, image_size=image_size, batch_size=batch_size, seed=stream_seed, augment=augment,
@@ -867,7 +867,8 @@ def tune(
         backbone_kwargs = dict(getattr(method_cls, "backbone_options", {}))
         if widths is not None:
             backbone_kwargs["widths"] = widths
-        method_cls(backbone=AlexNet(variant=variant, image_size=image_size, **backbone_kwargs), **method_options)
+        trunk_size = method_cls.trunk_input_size(image_size)
+        method_cls(backbone=AlexNet(variant=variant, image_size=trunk_size, **backbone_kwargs), **method_options)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad method_options or widths for {method!r}: {exc}") from None
     data = dataset if isinstance(dataset, LabelledData) else load_labelled(

@@ -164,6 +164,15 @@ class SelfSupervisedMethod(keras.Model):
         super().__init__(**kwargs)
         self.backbone = backbone
 
+    @classmethod
+    def trunk_input_size(cls, image_size: int) -> int:
+        """The side of what the trunk sees when the method trains on ``image_size`` px patches.
+
+        The patch itself for most methods; a method that feeds the trunk parts of a patch (Jigsaw's tiles)
+        overrides this, and the trunk is built for that size wherever a method's trunk is built.
+        """
+        return image_size
+
     def call(self, x, training=None):
         return self.backbone(x, training=training)
 
