@@ -364,7 +364,7 @@ COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[fla
     "export": ("export frozen early layers as a TF Serving SavedModel", _export_flags, _export),
     "finetune": ("train a classifier on a labelled set with early layers frozen (paper Table 4)",
                  _finetune_flags, _finetune),
-    "serve": ("serve an exported model over TF Serving's REST API", _serve_flags, _serve),
+    "serve": ("serve an exported model over TF Serving's REST API (and gRPC with --grpc_port)", _serve_flags, _serve),
     "tune": ("Keras Tuner search over augmentation strength, scored by probes", _tune_flags, _tune),
     "demo": ("train on one photograph and draw what was learned (make demo)", _demo_flags, _demo),
 }
