@@ -235,7 +235,8 @@ def shuffle_tiles(tiles: tf.Tensor, labels: tf.Tensor, permutations) -> tf.Tenso
 
 
 def make_puzzles(patches: tf.Tensor, permutations, seed, *, channel_jitter: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+                 mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Puzzles from a patch batch: ``(shuffled tiles (B, 9, T, T, C), labels (B,) int32)``.
 
     Tiles are cut with gap and jitter (`cut_tiles`, ``T = tile_size(S)``), normalised per tile (`normalize_tiles`,
@@ -345,10 +346,11 @@ class Jigsaw(SelfSupervisedMethod):
 
     def tile_features(self, tiles, training=None):
         """``(B, 9, T, T, 3)`` tiles → ``(B, 9·C)``: each tile through the trunk, average-pooled, concatenated."""
-        shape = tf.shape(tiles)
-        flat = tf.reshape(tiles, tf.concat([[-1], shape[2:]], axis=0))
+        if tiles.shape.rank != 5 or tiles.shape[1] != NUM_TILES or None in tiles.shape[2:]:
+            raise InputError(f"expected tiles of shape (B, 9, T, T, C) with known T and C, got {tuple(tiles.shape)}")
+        flat = tf.reshape(tiles, [-1, *tiles.shape[2:]])
         pooled = tf.reduce_mean(self.backbone(flat, training=training), axis=[1, 2])
-        return tf.reshape(pooled, [shape[0], NUM_TILES * pooled.shape[-1]])
+        return tf.reshape(pooled, [-1, NUM_TILES * pooled.shape[-1]])
 
     def call(self, x, training=None):
         """Permutation logits ``(B, P)`` (float32).
