@@ -1,6 +1,6 @@
 """The paper's CIFAR-10 linear-probe table (Asano et al., ICLR 2020, Table 2 / Fig. 2) at a CPU scale.
 
-Rows: RotNet, DeepCluster and BiGAN trained from Image A and from Image B (``../shared/data/images``), a random
+Rows: RotNet, DeepCluster, BiGAN and Jigsaw trained from Image A and from Image B (``../shared/data/images``), a random
 trunk, and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
 on the CIFAR-10 train labels until validation accuracy stops improving). Every row is probed with one named
 protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps in one pass, on CIFAR-10 (JPEG):
@@ -43,6 +43,8 @@ ROWS = {
     "deepcluster_b": ("deepcluster", "image_b.jpg"),
     "bigan_a": ("bigan", "image_a.jpg"),
     "bigan_b": ("bigan", "image_b.jpg"),
+    "jigsaw_a": ("jigsaw", "image_a.jpg"),
+    "jigsaw_b": ("jigsaw", "image_b.jpg"),
     "random": (None, None),
     "supervised": ("supervised", None),
 }
@@ -54,7 +56,27 @@ ROWS.update({row: ("rotnet", f"{n} CIFAR-10 train images") for row, n in N_IMAGE
 CIFAR_SOURCE_UPSCALE = 4
 #: Steps (batches of 64 patches at 32 px) each method made in 30 minutes: six times its 5-minute run of
 #: 2026-11-26 (RESULTS.md: RotNet 246 steps in bf16, DeepCluster 301, BiGAN 403). Fixed, so load changes only time.
+#: Jigsaw (issue #18) came later: RotNet's count divided by the ratio of their step times (Jigsaw on 114 px
+#: patches = 576 tiles of 32 px per batch, RotNet on 256 rotated 32 px patches), measured in one process with
+#: alternating windows on 2026-12-02 on the 2-core AMX Xeon, bf16, under other jobs' load:
+#: ``experiments/jigsaw_steps.py --windows 5 --steps 5`` printed 2.09 (docs/performance.md).
+JIGSAW_STEP_TIME_RATIO = 2.09
 STEPS_30MIN = {"rotnet": 1500, "deepcluster": 1800, "bigan": 2400}
+STEPS_30MIN["jigsaw"] = int(round(STEPS_30MIN["rotnet"] / JIGSAW_STEP_TIME_RATIO, -2))
+
+
+def method_image_size(method: str, image_size: int) -> int:
+    """The patch side a method trains on in a row probed at ``image_size``.
+
+    Every method trains its trunk on ``image_size`` px inputs, the probes' size, except Jigsaw, whose trunk sees
+    3x3 tiles of its patch: its patch is the smallest whose tiles are ``image_size`` px (114 px for 32 px tiles),
+    so that its trunk too trains at the scale it is probed at.
+    """
+    if method == "jigsaw":
+        from keras_oneimage.methods.jigsaw import smallest_image_size
+
+        return smallest_image_size(image_size)
+    return image_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,8 +213,10 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
             source = cifar_source_images(N_IMAGE_ROWS[row], seed)
         else:
             source = str(SHARED_IMAGES / image_name)
+        patch_size = method_image_size(method, args.image_size)
+        record["patch_size"] = patch_size
         model = api.fit(
-            source, method=method, image_size=args.image_size,
+            source, method=method, image_size=patch_size,
             batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
             steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
             callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,

@@ -20,6 +20,7 @@ _BUILTIN_MODULES = {
     "rotnet": "keras_oneimage.methods.rotnet",
     "deepcluster": "keras_oneimage.methods.deepcluster",
     "bigan": "keras_oneimage.methods.bigan",
+    "jigsaw": "keras_oneimage.methods.jigsaw",
 }
 
 
