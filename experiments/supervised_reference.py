@@ -77,7 +77,7 @@ class Progress(keras.callbacks.Callback):
 
 
 def build_classifier(args):
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.transfer import AlexNetClassifier
 

@@ -37,7 +37,7 @@ from keras_oneimage import validation
 from keras_oneimage.checkpoints import backbone_of
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
-from keras_oneimage.methods.base import default_head_widths
+from keras_oneimage.models.heads import default_head_widths
 from keras_oneimage.models.alexnet import AlexNet
 
 TAPS = AlexNet.TAPS

@@ -146,7 +146,7 @@ def test_fused_batchnorm_matches_keras_batchnorm(shape):
 
 
 def test_alexnet_built_under_a_policy_keeps_it_through_save_and_load(tmp_path):
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
 
     with precision_scope("mixed_bfloat16"):
         model = AlexNet("cifar", 32, widths=TINY)

@@ -38,15 +38,9 @@ import tensorflow as tf
 
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import kmeans as kmeans_lib
-from keras_oneimage.methods.base import (
-    FitContext,
-    SelfSupervisedMethod,
-    check_head_widths,
-    default_head_widths,
-    mlp_head,
-    unpack_patches,
-)
+from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
+from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
 
 #: Clusters. Caron et al. use k = 10,000 for 1.28M ImageNet images (≈128 images per cluster, §5.1 finds
 #: over-segmentation helps). The default pool of 10,000 patches with k = 100 keeps ≈100 patches per cluster.
