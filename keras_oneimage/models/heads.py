@@ -20,14 +20,17 @@ def default_head_widths(backbone) -> tuple[int, ...]:
 
 
 def check_head_widths(head_widths: Sequence[int]) -> tuple[int, ...]:
-    """``head_widths`` as a tuple of positive ints, or :class:`InputError`."""
+    """``head_widths`` as a tuple of positive ints, or :class:`InputError` (a float or a bool is refused, not
+    truncated)."""
+    if isinstance(head_widths, (str, bytes)):
+        raise InputError(f"head_widths must be a sequence of positive integers, got {head_widths!r}")
     try:
-        widths = tuple(int(w) for w in head_widths)
-    except (TypeError, ValueError):
+        widths = tuple(head_widths)
+    except TypeError:
         raise InputError(f"head_widths must be a sequence of positive integers, got {head_widths!r}") from None
-    if any(w < 1 for w in widths):
+    if any(isinstance(w, bool) or not hasattr(w, "__index__") or int(w) < 1 for w in widths):
         raise InputError(f"head_widths must be positive integers, got {head_widths!r}")
-    return widths
+    return tuple(int(w) for w in widths)
 
 
 def mlp_head(widths: Sequence[int], outputs: int, *, dtype, output_initializer="glorot_uniform",
