@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import kmeans as kmeans_lib
 from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
@@ -143,8 +144,7 @@ class DeepCluster(SelfSupervisedMethod):
             ("kmeans_iterations", kmeans_iterations, 1),
             ("feature_batch_size", feature_batch_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            validation.int_at_least(name, value, minimum)
         if num_clusters > pool_size:
             raise InputError(f"num_clusters ({num_clusters}) must not exceed pool_size ({pool_size})")
         self.num_clusters = int(num_clusters)
