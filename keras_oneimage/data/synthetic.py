@@ -50,7 +50,7 @@ def batch_function(images, *, image_size: int = 64, batch_size: int = 64, augmen
     pyr = pyramid_lib.build_pyramid(sources)
 
     # Two XLA kernels: geometry -> one packed int64 per pixel, then colour. Fused into one, XLA:CPU would
-    # recompute every pixel's addresses once per channel (measured ~2x slower).
+    # recompute every pixel's addresses once per channel (docs/performance.md).
     @tf.function(jit_compile=True)
     def geometry(seed: tf.Tensor):
         params = sampler.get_random_transformation(batch_size, seed, pyr)

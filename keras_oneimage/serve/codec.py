@@ -252,7 +252,7 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """The request body as Python values: orjson (compiled, ~3x faster), else the json module.
+    """The request body as Python values: orjson (compiled, so faster on large bodies), else the json module.
 
     The json module is the fallback for what orjson refuses but TF Serving's parser takes (``NaN``, ``Infinity``,
     integers beyond 64 bits), and it gives the error message for malformed bodies (with line and column).
