@@ -123,7 +123,7 @@ class KerasStep:
         import keras
         import tensorflow as tf
 
-        from keras_oneimage.methods.base import precision_scope
+        from keras_oneimage.precision import precision_scope
         from keras_oneimage.methods.rotnet import RotNet
         from keras_oneimage.models import AlexNet
 
@@ -378,7 +378,7 @@ def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class:
     from keras_oneimage.data.images import load_image
     from keras_oneimage.data.labelled import load_labelled
     from keras_oneimage.data.synthetic import patch_dataset
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
     from keras_oneimage.methods.rotnet import RotNet
     from keras_oneimage.models import AlexNet
     from keras_oneimage.probes import probe

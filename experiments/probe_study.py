@@ -156,7 +156,8 @@ def pooled_for_settings(net, settings: list[str], images) -> dict:
 def run(args) -> None:
     import cifar_arrays
 
-    from keras_oneimage.probes.linear import eval_pipeline, taps_dataset, train_probes_on_taps
+    from keras_oneimage.data.pipelines import eval_pipeline
+    from keras_oneimage.probes.linear import taps_dataset, train_probes_on_taps
     from keras_oneimage.probes.protocols import get_protocol
 
     out = pathlib.Path(args.out)

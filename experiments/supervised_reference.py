@@ -77,9 +77,9 @@ class Progress(keras.callbacks.Callback):
 
 
 def build_classifier(args):
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
     from keras_oneimage.models.alexnet import AlexNet
-    from keras_oneimage.transfer import AlexNetClassifier
+    from keras_oneimage.models.classifier import AlexNetClassifier
 
     keras.utils.set_random_seed(args.seed)
     with precision_scope(args.precision) as policy:
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         return record
     import cifar_arrays
 
-    from keras_oneimage.probes.linear import eval_pipeline, train_pipeline
+    from keras_oneimage.data.pipelines import eval_pipeline, train_pipeline
 
     data = cifar_arrays.labelled(seed=0, max_per_class=60 if args.quick else None)
     if args.quick:

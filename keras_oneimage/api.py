@@ -217,7 +217,7 @@ def fit(
     }
 
     # 2. Build the model and the data.
-    from keras_oneimage.methods.base import precision_scope, resolve_precision
+    from keras_oneimage.precision import precision_scope, resolve_precision
     from keras_oneimage.models.alexnet import AlexNet
 
     resolve_precision(precision)  # validate before anything is written

@@ -14,7 +14,7 @@ CHECKPOINT_NAME = "model.keras"
 def import_registered_classes() -> None:
     """Import the package's Keras classes so that ``keras.saving.load_model`` can rebuild them."""
     importlib.import_module("keras_oneimage.models.alexnet")
-    importlib.import_module("keras_oneimage.transfer")  # AlexNetClassifier (fine-tuned / supervised trunks)
+    importlib.import_module("keras_oneimage.models.classifier")  # fine-tuned and supervised trunks
     from keras_oneimage.methods import registry
 
     for name in registry.available():

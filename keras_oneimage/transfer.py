@@ -36,83 +36,15 @@ import tensorflow as tf
 from keras_oneimage import validation
 from keras_oneimage.checkpoints import backbone_of
 from keras_oneimage.data.labelled import LabelledData, load_labelled
+from keras_oneimage.data.pipelines import eval_pipeline, train_pipeline
 from keras_oneimage.errors import InputError
-from keras_oneimage.methods.base import default_head_widths
 from keras_oneimage.models.alexnet import AlexNet
+from keras_oneimage.models.classifier import AlexNetClassifier
+from keras_oneimage.models.heads import check_head_widths
 
 TAPS = AlexNet.TAPS
 DEFAULT_FREEZE = ("conv1", "conv2")
 EXPORT_METADATA = "keras_oneimage.json"
-
-
-# ------------------------------------------------------------------------------------------------------- model
-@keras.saving.register_keras_serializable(package="keras_oneimage")
-class AlexNetClassifier(keras.Model):
-    """An AlexNet trunk and a classifier head: flatten → [dropout → dense → BN → ReLU] per width → dense logits.
-
-    ``call`` returns float32 logits ``(B, num_classes)``. ``backbone`` is the trunk (an :class:`AlexNet`).
-    """
-
-    def __init__(
-        self,
-        backbone: AlexNet,
-        num_classes: int,
-        head_widths: Sequence[int] | None = None,
-        dropout: float = 0.5,
-        seed: int = 0,
-        **kwargs,
-    ):
-        kwargs.setdefault("name", "alexnet_classifier")
-        super().__init__(**kwargs)
-        if head_widths is None:
-            head_widths = default_head_widths(backbone)  # as the RotNet and DeepCluster heads
-        self.backbone = backbone
-        self.num_classes = int(num_classes)
-        self.head_widths = tuple(int(w) for w in head_widths)
-        self.dropout = float(dropout)
-        self.seed = int(seed)
-        layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten")]
-        for i, width in enumerate(self.head_widths, start=1):
-            if self.dropout > 0:
-                layers.append(keras.layers.Dropout(self.dropout, seed=self.seed * 31 + i, name=f"drop{i}"))
-            layers += [
-                keras.layers.Dense(width, use_bias=False, name=f"fc{i}"),
-                keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"fc{i}_bn"),
-                keras.layers.ReLU(name=f"fc{i}_relu"),
-            ]
-        layers.append(keras.layers.Dense(self.num_classes, dtype="float32", name="logits"))
-        self.head = keras.Sequential(layers, name="head")
-
-    def build(self, input_shape=None):
-        if input_shape is None:
-            input_shape = (None, self.backbone.image_size, self.backbone.image_size, 3)
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        side = input_shape[1]
-        h, w, c = self.backbone.feature_shapes(side)["output"] if side is not None else (None, None, None)
-        self.head.build((None, h, w, c))
-        self.built = True
-
-    def call(self, x, training=None):
-        return self.head(self.backbone(x, training=training), training=training)
-
-    def get_config(self):
-        base = super().get_config()
-        base = {k: base[k] for k in ("name", "trainable", "dtype") if k in base}
-        return {
-            **base,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "num_classes": self.num_classes,
-            "head_widths": list(self.head_widths),
-            "dropout": self.dropout,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
-        return cls(**config)
 
 
 # ------------------------------------------------------------------------------------------------------ result
@@ -194,19 +126,17 @@ def finetune(
     """
     freeze = _check_taps("freeze", freeze)
     init = freeze if init is None else _check_taps("init", init)
-    epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
+    epochs = validation.positive_int("epochs", epochs)
+    batch_size = validation.positive_int("batch_size", batch_size)
     seed = validation.seed(seed)
     learning_rate = _number("learning_rate", learning_rate, low=0.0, low_open=True)
     momentum = _number("momentum", momentum, low=0.0, high=1.0)
     weight_decay = _number("weight_decay", weight_decay, low=0.0)
     dropout = _number("dropout", dropout, low=0.0, high=1.0)
     if image_size is not None:
-        image_size = _positive_int("image_size", image_size)
+        image_size = validation.positive_int("image_size", image_size)
     if head_widths is not None:
-        head_widths = tuple(head_widths)
-        if any(isinstance(w, bool) or not hasattr(w, "__index__") or int(w) < 1 for w in head_widths):
-            raise InputError(f"head_widths must be positive integers, got {head_widths!r}")
+        head_widths = check_head_widths(head_widths)
     callbacks = list(callbacks or [])
     if not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
         raise InputError("callbacks must be keras.callbacks.Callback instances")
@@ -249,8 +179,6 @@ def finetune(
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=False,
     )
-    from keras_oneimage.probes.linear import eval_pipeline, train_pipeline
-
     counter = _ImageCounter(data.train_size, batch_size)
     train = train_pipeline(data.train, size, data.train_size, batch_size, seed)
     history = model.fit(train, epochs=epochs, verbose=verbose, callbacks=[counter, *callbacks], shuffle=False)
@@ -412,18 +340,8 @@ def _data_image_size(data: LabelledData) -> int | None:
 
 
 def _check_taps(label: str, names: str | Iterable[str]) -> tuple[str, ...]:
-    if isinstance(names, str):
-        names = (names,)
-    try:
-        names = tuple(names)
-    except TypeError:
-        raise InputError(f"{label} must be a layer name or a sequence of them, got {names!r}") from None
-    bad = [n for n in names if n not in TAPS]
-    if bad:
-        raise InputError(f"unknown layer(s) {bad} in {label}; choose from {', '.join(TAPS)}")
-    if len(set(names)) != len(names):
-        raise InputError(f"{label} repeats a layer: {list(names)}")
-    return tuple(sorted(names, key=TAPS.index))
+    """The named taps in the trunk's order; none at all is allowed (``freeze=()`` trains everything)."""
+    return tuple(sorted(validation.layer_names(names, TAPS, label, allow_empty=True), key=TAPS.index))
 
 
 def _number(name: str, value: Any, *, low: float, low_open: bool = False, high: float | None = None) -> float:
@@ -435,15 +353,3 @@ def _number(name: str, value: Any, *, low: float, low_open: bool = False, high: 
             f"> {low:g}" if low_open else f">= {low:g}")
         raise InputError(f"{name} must be {'in ' if high is not None else ''}{bounds}, got {value!r}")
     return float(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
-        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)

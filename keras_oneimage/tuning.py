@@ -402,7 +402,8 @@ def train_method(
     from keras_oneimage.data.images import load_images
     from keras_oneimage.data.synthetic import patch_dataset
     from keras_oneimage.methods import registry
-    from keras_oneimage.methods.base import FitContext, precision_scope, resolve_precision
+    from keras_oneimage.methods.base import FitContext
+    from keras_oneimage.precision import precision_scope, resolve_precision
     from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.training import completed_epochs, run_training
 
@@ -808,7 +809,7 @@ def tune(
     from keras_oneimage.data.images import load_images
     from keras_oneimage.data.labelled import LabelledData, load_labelled
     from keras_oneimage.methods import registry
-    from keras_oneimage.methods.base import resolve_precision
+    from keras_oneimage.precision import resolve_precision
     from keras_oneimage.models.alexnet import AlexNet
 
     # 1. Validate everything before anything is trained or written.

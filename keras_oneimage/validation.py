@@ -26,6 +26,20 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
+def int_at_least(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (a bool, a float or a string is refused, not truncated).
+
+    For bounds other than 1 (a shard index or a start step may be 0, a patch side must be at least 4), where
+    "positive" would misstate the bound.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
 def seed(value: Any, name: str = "seed") -> int:
     """A random seed: an integer in [0, 2**32 - 1] (what NumPy, TensorFlow and Keras all accept)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
@@ -108,10 +122,12 @@ def check_step_memory(batch_size: int, bytes_per_example: int, what: str) -> int
     return estimate
 
 
-def layer_names(value: Any, known: Sequence[str], label: str = "layers") -> tuple[str, ...]:
+def layer_names(value: Any, known: Sequence[str], label: str = "layers", *, allow_empty: bool = False
+                ) -> tuple[str, ...]:
     """``value`` (a tap name or a sequence of them) as a tuple of distinct names in ``known``, in the given order.
 
     ``known`` is read from the trunk (its ``TAPS``), never copied, so every trunk checks the names it has.
+    ``allow_empty`` accepts no names at all (fine-tuning with nothing frozen).
     """
     if isinstance(value, str):
         value = (value,)
@@ -120,9 +136,11 @@ def layer_names(value: Any, known: Sequence[str], label: str = "layers") -> tupl
     except TypeError:
         raise InputError(f"{label} must be a layer name or a sequence of them, got {value!r}") from None
     known = tuple(known)
+    if not names and not allow_empty:
+        raise InputError(f"{label} must name at least one layer; choose from {', '.join(known)}")
     bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise InputError(f"unknown layer(s) {bad or list(names)} in {label}; choose from {', '.join(known)}")
+    if bad:
+        raise InputError(f"unknown layer(s) {bad} in {label}; choose from {', '.join(known)}")
     if len(set(names)) != len(names):
         raise InputError(f"{label} has duplicates: {list(names)}")
     return names

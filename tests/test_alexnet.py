@@ -41,6 +41,15 @@ def test_shapes_of_both_variants(variant, size, widths, expected):
         assert float(tf.reduce_min(tensor)) >= 0.0  # post-ReLU
 
 
+def test_feature_shapes_at_another_side_keep_the_trunks_own_stride():
+    """A "cifar" trunk built for 64 px has conv1 stride 2; fed 32 px it still halves, and feature_shapes says so."""
+    model = AlexNet("cifar", 64, widths=TINY)
+    taps = model.features(_batch(1, 32), layers=AlexNet.TAPS)
+    shapes = model.feature_shapes(32)
+    assert shapes["conv1"] == (16, 16, TINY[0])
+    assert {name: tuple(t.shape[1:]) for name, t in taps.items()} == {n: shapes[n] for n in AlexNet.TAPS}
+
+
 def test_default_widths_are_the_papers():
     model = AlexNet("imagenet", 224)
     assert model.widths == (96, 256, 384, 384, 256)
@@ -146,7 +155,7 @@ def test_fused_batchnorm_matches_keras_batchnorm(shape):
 
 
 def test_alexnet_built_under_a_policy_keeps_it_through_save_and_load(tmp_path):
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
 
     with precision_scope("mixed_bfloat16"):
         model = AlexNet("cifar", 32, widths=TINY)

@@ -722,16 +722,16 @@ def test_fit_refuses_a_batch_that_cannot_fit_in_memory_with_the_estimate(good_im
 
 def test_probe_clamps_a_huge_batch_to_the_data(trained, artefacts, capsys, monkeypatch):
     """Case 4: probe --batch_size=1000000000 on 8 images ran CPU-bound for minutes; the batch is now the data."""
-    from keras_oneimage.probes import linear
+    from keras_oneimage.data import pipelines
 
     seen = []
-    real = linear.train_pipeline
+    real = pipelines.train_pipeline
 
     def spy(ds, size, num_examples, batch_size, seed):
         seen.append((num_examples, batch_size))
         return real(ds, size, num_examples, batch_size, seed)
 
-    monkeypatch.setattr(linear, "train_pipeline", spy)
+    monkeypatch.setattr(pipelines, "train_pipeline", spy)
     rc, out, err = run_cli(capsys, "probe", f"--checkpoint={trained}", f"--dataset={artefacts['dataset']}",
                            "--layers=conv1", "--epochs=1", "--batch_size=1000000000")
     assert rc == 0, err

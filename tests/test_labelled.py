@@ -18,6 +18,7 @@ from keras_oneimage.data.labelled import (
     load_labelled,
 )
 from keras_oneimage.errors import InputError
+from keras_oneimage.files import file_sha256
 
 from .conftest import make_cifar_like, tar_tree
 CLASSES = ("ant", "bee", "cat")  # class c has channel c bright; pixel (0, 0) of red channel encodes the image id
@@ -307,7 +308,7 @@ def test_cifar10_lookup_order(cifar_like_tree, cifar_like_archive, tree, tmp_pat
     # ../shared holds an archive that is not the known CIFAR-10 packaging: refused, not silently used.
     with pytest.raises(InputError, match="sha256"):
         load_labelled("cifar10", cache_dir=tmp_path / "c0")
-    monkeypatch.setattr(labelled, "CIFAR10_SHA256", labelled._sha256(shared_archive))
+    monkeypatch.setattr(labelled, "CIFAR10_SHA256", file_sha256(shared_archive))
     cache = tmp_path / "cache"
     data = load_labelled("cifar10", cache_dir=cache)
     assert pathlib.Path(data.source) == cache / "cifar10" and data.train_size + data.val_size == 40
@@ -315,7 +316,7 @@ def test_cifar10_lookup_order(cifar_like_tree, cifar_like_archive, tree, tmp_pat
     # The completed extraction in the cache now wins over ../shared, even when ../shared changes.
     smaller = make_cifar_like(tmp_path / "smaller", n_train=2, n_test=1)
     tar_tree(smaller, shared_archive)
-    monkeypatch.setattr(labelled, "CIFAR10_SHA256", labelled._sha256(shared_archive))
+    monkeypatch.setattr(labelled, "CIFAR10_SHA256", file_sha256(shared_archive))
     assert load_labelled("cifar10", cache_dir=cache).test_size == 30
     assert load_labelled("cifar10", cache_dir=tmp_path / "fresh").test_size == 10, "no cache: ../shared again"
 

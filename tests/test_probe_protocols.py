@@ -5,12 +5,11 @@ import pytest
 import tensorflow as tf
 
 from keras_oneimage.data.labelled import from_arrays
+from keras_oneimage.data.pipelines import eval_pipeline, resized_crop_pipeline
 from keras_oneimage.errors import InputError
 from keras_oneimage.models import AlexNet
 from keras_oneimage.probes import probe_splits
-from keras_oneimage.probes.linear import (
-    eval_pipeline, pooling_for, protocol_pooling, resized_crop_pipeline, step_schedule, tap_shapes,
-)
+from keras_oneimage.probes.linear import pooling_for, protocol_pooling, step_schedule, tap_shapes
 from keras_oneimage.probes.protocols import PAPER_POOLING, PROTOCOLS, ProbeProtocol, get_protocol
 
 TINY = (8, 8, 8, 8, 8)

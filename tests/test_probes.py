@@ -216,7 +216,7 @@ def test_probe_splits_trains_once_and_matches_one_probe_per_split():
     "kwargs, message",
     [
         ({"layers": ("conv9",)}, "unknown layer"),
-        ({"layers": ()}, "unknown layer"),
+        ({"layers": ()}, "at least one"),
         ({"split": "train"}, "split"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 1.5}, "batch_size"),

@@ -6,8 +6,9 @@ import tensorflow as tf
 import keras
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import registry
-from keras_oneimage.methods.rotnet import CIFAR_HEAD, IMAGENET_HEAD, RotNet, rotate_batch
+from keras_oneimage.methods.rotnet import RotNet, rotate_batch
 from keras_oneimage.models import AlexNet
+from keras_oneimage.models.heads import CIFAR_HEAD, IMAGENET_HEAD
 
 TINY = (8, 16, 24, 24, 16)
 
@@ -64,7 +65,7 @@ def test_rotnet_learns_rotations_on_a_photo(photo_path):
 
 
 def test_precision_resolution_and_scope():
-    from keras_oneimage.methods.base import precision_scope, resolve_precision
+    from keras_oneimage.precision import precision_scope, resolve_precision
 
     assert resolve_precision("float32") == "float32"
     assert resolve_precision("auto") in ("float32", "mixed_bfloat16")
@@ -79,7 +80,7 @@ def test_mixed_bfloat16_rotnet_learns_and_its_outputs_stay_float32(tmp_path, pho
     from keras_oneimage.data.images import load_image
     from keras_oneimage.data.synthetic import patch_dataset
     from keras_oneimage.export.savedmodel import export
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
 
     keras.utils.set_random_seed(0)
     data = patch_dataset([load_image(photo_path)], image_size=32, batch_size=16, seed=0)

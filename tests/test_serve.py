@@ -18,7 +18,7 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.export import export
 from keras_oneimage.models.alexnet import AlexNet
 from keras_oneimage.serve import BatchScheduler, QueueFullError, make_app, start_in_thread
-from keras_oneimage.serve.server import encode_array, encode_predict_response, encode_rows, parse_predict
+from keras_oneimage.serve.codec import encode_array, encode_predict_response, parse_predict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ("conv1", "conv2")
@@ -328,7 +328,6 @@ def test_float_encoding_round_trips_float32_exactly():
         back = np.asarray(json.loads(encode_array(arr)), dtype=np.float32)
         np.testing.assert_array_equal(back, arr)
     arr = values[:60].reshape(3, 4, 5)
-    assert [np.asarray(json.loads(r), dtype=np.float32).tolist() for r in encode_rows(arr)] == arr.tolist()
     both = json.loads(encode_predict_response({"a": arr, "b": arr[:, :1]}, row_format=True))
     assert [sorted(p) for p in both["predictions"]] == [["a", "b"]] * 3
     np.testing.assert_array_equal(np.asarray(both["predictions"][2]["b"], np.float32), arr[2, :1])

@@ -8,7 +8,8 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.export import export
 from keras_oneimage.methods.rotnet import RotNet
 from keras_oneimage.models.alexnet import AlexNet
-from keras_oneimage.transfer import AlexNetClassifier, finetune
+from keras_oneimage.models.classifier import AlexNetClassifier
+from keras_oneimage.transfer import finetune
 
 WIDTHS = (8, 8, 8, 8, 8)
 FAST = {"epochs": 2, "batch_size": 16, "learning_rate": 0.05, "head_widths": (16,), "verbose": 0}
@@ -161,7 +162,7 @@ def test_sources_from_a_checkpoint_dir_an_export_and_random(tmp_path):
     [
         ("trunk", "toy", {"freeze": ("conv1", "conv6")}, "unknown layer"),
         ("trunk", "toy", {"freeze": "fc1"}, "unknown layer"),
-        ("trunk", "toy", {"freeze": ("conv1", "conv1")}, "repeats"),
+        ("trunk", "toy", {"freeze": ("conv1", "conv1")}, "duplicates"),
         ("trunk", "toy", {"init": ("pool1",)}, "unknown layer"),
         ("trunk", "toy", {"freeze": None}, "layer name"),
         ("trunk", 42, {}, "LabelledData"),

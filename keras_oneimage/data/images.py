@@ -7,26 +7,24 @@ is an :class:`~keras_oneimage.errors.InputError` whose one-line message names th
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
 import stat
-import struct
-import zlib
+import threading
 from typing import Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 
 ImageSource = Union[str, os.PathLike, np.ndarray, tf.Tensor]
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MPix: ~10x the paper's largest source image, well below a RAM problem
 DEFAULT_MIN_SIZE = 8  # shortest side; smaller images hold too little texture to cut patches from
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
 
 def _display(path: str | bytes) -> str:
     """A printable one-line form of a path, even when it is not valid UTF-8."""
@@ -58,10 +56,77 @@ def missing_reason(path: str | bytes | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- headers
-#: Huffman-coded frame types: sequential (baseline/extended/lossless) and progressive. Arithmetic coding (C9-CF)
-#: can squeeze a flat block below a bit, so the data-size check below does not apply to it.
+_EXIF_ORIENTATION = 0x0112
+#: Pillow's decompression-bomb limit is one global; it is lifted while a header is read (under this lock) because
+#: ``max_pixels`` is checked on the declared size right after, with that size in the message.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+#: Huffman-coded JPEG frame types: sequential (baseline/extended/lossless) and progressive. Arithmetic coding
+#: (C9-CF) can squeeze a flat block below a bit, so the data-size check below does not apply to it.
 _JPEG_HUFFMAN_SEQUENTIAL = {0xC0, 0xC1, 0xC3}
 _JPEG_HUFFMAN_PROGRESSIVE = {0xC2}
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """What a file's header declares, read by Pillow without decoding the pixels."""
+
+    format: str  # Pillow's format name: "JPEG", "PNG", "GIF", "BMP", "TIFF", ...
+    width: int
+    height: int
+    mode: str  # Pillow's mode: "RGB", "CMYK", "P", ...
+    orientation: int  # EXIF orientation 1-8 of a JPEG (1: stored upright)
+
+    @property
+    def tf_decodes(self) -> bool:
+        """Whether TensorFlow decodes this file. TF keeps its decoders for the formats it reads (so the pixels,
+        hence the source-image digests of existing runs, stay as they were), except where it reads them wrong:
+        a CMYK JPEG, and a BMP of 8 bits or fewer per pixel (TF returns palette indices as gray)."""
+        if self.format == "JPEG":
+            return self.mode != "CMYK"
+        if self.format == "BMP":
+            return self.mode in ("RGB", "RGBA")
+        return self.format in ("PNG", "GIF")
+
+
+def _header(data: bytes, what: str) -> _Header:
+    """The declared format, size, mode and EXIF orientation (a lazy ``Image.open``: the header only); a PNG's
+    chunk CRCs are checked too (TF and Pillow's decoders are lenient about some)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with _PILLOW_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                header = _Header(image.format or "", *image.size, image.mode, _orientation(image))
+                if header.format == "PNG":
+                    try:
+                        image.verify()  # reads every chunk and checks its CRC
+                    except SyntaxError as err:
+                        raise InputError(f"{what}: not a readable image (corrupt PNG: bad CRC or chunk: {err})") \
+                            from None
+        except UnidentifiedImageError:
+            raise InputError(f"{what}: not an image file (expected JPEG, PNG, GIF, BMP or another format "
+                             "Pillow reads)") from None
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Pillow raises many types for broken headers
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise InputError(f"{what}: not a readable image ({message})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    return header
+
+
+def _orientation(image) -> int:
+    """A JPEG's EXIF orientation (1-8), 1 for other formats and for a missing or malformed EXIF block."""
+    if image.format != "JPEG":
+        return 1
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block does not make the picture unusable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _jpeg_too_short(data: bytes, width: int, height: int) -> str | None:
@@ -83,29 +148,13 @@ def _jpeg_too_short(data: bytes, width: int, height: int) -> str | None:
 
 
 def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The JPEG's start-of-frame marker (its coding: Huffman or arithmetic, sequential or progressive), or None.
+
+    Pillow reads the same segments but does not keep the marker (only a "progressive" flag), and the bound above
+    must tell arithmetic coding apart, so the segment headers are walked here.
+    """
     pos = 2
     while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD9)):
-            pos += 2
-            continue
-        if marker in _JPEG_SOF:
-            return marker
-        if marker == 0xDA:
-            return None
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return None
-
-
-def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
-    """``(width, height, components, exif_orientation)`` from JPEG markers, without decoding."""
-    pos, orientation = 2, 1
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            raise ValueError("bad JPEG marker")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -113,101 +162,23 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
         if marker in (0x01, *range(0xD0, 0xD9)):  # standalone markers
             pos += 2
             continue
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        segment = data[pos + 4:pos + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
-            orientation = _exif_orientation(segment[6:]) or orientation
         if marker in _JPEG_SOF:
-            if len(segment) < 6:
-                raise ValueError("truncated JPEG frame header")
-            height, width = struct.unpack(">HH", segment[1:5])
-            return width, height, segment[5], orientation
+            return marker
         if marker == 0xDA:  # start of scan before any frame header
-            break
-        pos += 2 + length
-    raise ValueError("no JPEG frame header (truncated or corrupt file)")
-
-
-def _exif_orientation(tiff: bytes) -> int | None:
-    """The Orientation tag (0x0112) of IFD0 of a TIFF-structured EXIF block, or None."""
-    try:
-        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
-        (ifd,) = struct.unpack(endian + "I", tiff[4:8])
-        (count,) = struct.unpack(endian + "H", tiff[ifd:ifd + 2])
-        for k in range(count):
-            entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
-            tag, kind = struct.unpack(endian + "HH", entry[:4])
-            if tag == 0x0112 and kind == 3:
-                (value,) = struct.unpack(endian + "H", entry[8:10])
-                return value if 1 <= value <= 8 else None
-    except (KeyError, struct.error, IndexError):
-        return None
-    return None
-
-
-def _png_crc_error(data: bytes) -> str | None:
-    """The first chunk whose CRC does not match, or None (TF and Pillow are lenient about some)."""
-    pos = 8
-    while pos + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        end = pos + 8 + length
-        if end + 4 > len(data):
-            return None  # truncation is reported by the decoder
-        (crc,) = struct.unpack(">I", data[end:end + 4])
-        if zlib.crc32(data[pos + 4:end]) != crc:
-            return kind.decode("latin-1")
-        if kind == b"IEND":
             return None
-        pos = end + 4
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return None
-
-
-def _header(data: bytes) -> tuple[str, int, int, int, int]:
-    """``(format, width, height, jpeg_components, exif_orientation)``; format ``"other"`` if unknown."""
-    if data[:3] == b"\xff\xd8\xff":
-        width, height, components, orientation = _jpeg_header(data)
-        return "jpeg", width, height, components, orientation
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise ValueError("PNG without an IHDR header")
-        width, height = struct.unpack(">II", data[16:24])
-        bad = _png_crc_error(data)
-        if bad is not None:
-            raise ValueError(f"corrupt PNG: bad CRC in the {bad} chunk")
-        return "png", width, height, 0, 1
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        if len(data) < 10:
-            raise ValueError("truncated GIF header")
-        width, height = struct.unpack("<HH", data[6:10])
-        return "gif", width, height, 0, 1
-    if data[:2] == b"BM":
-        if len(data) < 26:
-            raise ValueError("truncated BMP header")
-        (dib,) = struct.unpack("<I", data[14:18])
-        if dib == 12:
-            width, height = struct.unpack("<hh", data[18:22])
-        else:
-            width, height = struct.unpack("<ii", data[18:26])
-        bits = struct.unpack("<H", data[24:26] if dib == 12 else data[28:30])[0] if len(data) >= 30 else 0
-        # TF decodes only 24/32-bit BMPs (palette indices would come out as gray): others go to Pillow.
-        return ("bmp" if bits in (24, 32) else "other"), abs(width), abs(height), 0, 1
-    return "other", 0, 0, 0, 1  # sized by Pillow
 
 
 # ----------------------------------------------------------------------------------------------- pixels
-def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
-    """Applies an EXIF orientation (1-8) so the array is upright as a viewer shows it."""
-    ops = {
-        1: lambda a: a,
-        2: lambda a: a[:, ::-1],
-        3: lambda a: a[::-1, ::-1],
-        4: lambda a: a[::-1],
-        5: lambda a: a.transpose(1, 0, 2),
-        6: lambda a: np.rot90(a, k=-1),
-        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-        8: lambda a: np.rot90(a, k=1),
-    }
-    return np.ascontiguousarray(ops.get(orientation, ops[1])(image))
+def _upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The decoded pixels turned as a viewer shows them, by ``ImageOps.exif_transpose`` (exact: flips and
+    quarter turns)."""
+    from PIL import Image, ImageOps
+
+    pil = Image.fromarray(image)
+    pil.getexif()[_EXIF_ORIENTATION] = orientation
+    return np.array(ImageOps.exif_transpose(pil))
 
 
 def _to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
@@ -276,15 +247,15 @@ def _decode_with_pillow(data: bytes, what: str) -> np.ndarray:
             from None
 
 
-def _decode(data: bytes, fmt: str, components: int, what: str) -> np.ndarray:
+def _decode(data: bytes, header: _Header, what: str) -> np.ndarray:
     """Decodes with TF (first frame of animations, 16-bit PNG kept at 16 bits), else with Pillow."""
-    if fmt in ("jpeg", "png", "gif", "bmp") and not (fmt == "jpeg" and components == 4):
+    if header.tf_decodes:
         try:
-            if fmt == "png":
+            if header.format == "PNG":
                 return tf.io.decode_png(data, channels=0, dtype=tf.uint16).numpy()
             return tf.io.decode_image(data, channels=0, expand_animations=False).numpy()
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.InternalError):
-            pass  # e.g. palette BMP or a file TF rejects; Pillow decides if it is usable
+            pass  # a file TF rejects (e.g. a truncated one); Pillow decides if it is usable
     return _decode_with_pillow(data, what)
 
 
@@ -311,35 +282,20 @@ def _load_path(path: str | os.PathLike, max_pixels: int, min_size: int) -> np.nd
         raise InputError(f"{what}: cannot read the file ({err.strerror or err})") from None
     if not data:
         raise InputError(f"{what}: the file is empty")
-    try:
-        fmt, width, height, components, orientation = _header(data)
-    except (ValueError, struct.error) as err:
-        raise InputError(f"{what}: not a readable image ({err})") from None
-    if fmt == "other" and width == 0:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
-                width, height = image.size
-        except UnidentifiedImageError:
-            raise InputError(f"{what}: not an image file (expected JPEG, PNG, GIF, BMP or another format "
-                             "Pillow reads)") from None
-        except Image.DecompressionBombError:
-            width, height = 1 << 20, 1 << 20  # Pillow refused it as a bomb: report through our own check
-        except Exception as err:  # noqa: BLE001
-            raise InputError(f"{what}: not a readable image ({err})") from None
+    header = _header(data, what)
+    width, height = header.width, header.height
     if width <= 0 or height <= 0:
         raise InputError(f"{what}: the header declares an empty image ({width}x{height})")
     if width * height > max_pixels:
         raise InputError(f"{what}: the header declares {width}x{height} = {width * height:,} pixels, above "
                          f"max_pixels={max_pixels:,}; pass a larger max_pixels (CLI: --max_pixels) if you trust it")
-    if fmt == "jpeg":
+    if header.format == "JPEG":
         short = _jpeg_too_short(data, width, height)
         if short is not None:
             raise InputError(f"{what}: {short}")
-    array = _to_rgb_uint8(_decode(data, fmt, components, what), what)
-    if fmt == "jpeg" and orientation != 1:
-        array = _orient(array, orientation)
+    array = _to_rgb_uint8(_decode(data, header, what), what)
+    if header.orientation != 1:
+        array = _upright(array, header.orientation)
     return _check_size(array, what, min_size)
 
 
@@ -357,9 +313,8 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     Raises:
       InputError: with a one-line message naming the file, for anything unusable.
     """
-    for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    max_pixels = validation.positive_int("max_pixels", max_pixels)
+    min_size = validation.positive_int("min_size", min_size)
     if isinstance(src, tf.Tensor):
         if not tf.executing_eagerly():
             raise InputError("load_image needs an eager tensor (call it outside tf.function)")

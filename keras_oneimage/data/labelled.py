@@ -26,7 +26,6 @@ Archives are extracted once, atomically (into a temporary sibling folder, then r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -38,7 +37,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
+from keras_oneimage.files import file_sha256
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -108,9 +109,9 @@ def load_labelled(
         cache_dir: root of the extraction cache (default ``$KERAS_ONEIMAGE_CACHE`` or ``~/.cache/keras_oneimage``).
     """
     val_fraction = _check_fraction(val_fraction)
-    seed = _check_int("seed", seed, minimum=0)
+    seed = validation.int_at_least("seed", seed, 0)
     if max_per_class is not None:
-        max_per_class = _check_int("max_per_class", max_per_class, minimum=1)
+        max_per_class = validation.int_at_least("max_per_class", max_per_class, 1)
     cache_root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     if isinstance(name_or_path, str) and name_or_path.lower() == "cifar10" and not os.path.exists(name_or_path):
@@ -148,7 +149,7 @@ def from_arrays(
     The val split is carved from train exactly as for folder trees (stratified, deterministic in ``seed``).
     """
     val_fraction = _check_fraction(val_fraction)
-    seed = _check_int("seed", seed, minimum=0)
+    seed = validation.int_at_least("seed", seed, 0)
     arrays = {}
     for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
         images, labels = np.asarray(images), np.asarray(labels)
@@ -252,7 +253,7 @@ def extract_archive(
     marker = _read_marker(target)
     if marker is not None and {k: marker.get(k) for k in fingerprint} == fingerprint:
         return target
-    digest = _sha256(archive)
+    digest = file_sha256(archive)
     if marker is not None and marker.get("sha256") == digest:
         return target
     if expected_sha256 is not None and digest != expected_sha256:
@@ -540,14 +541,6 @@ def _is_complete(target: pathlib.Path) -> bool:
     return _read_marker(target) is not None
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _val_count(n: int, val_fraction: float) -> int:
     if val_fraction <= 0 or n < 2:
         return 0
@@ -561,13 +554,4 @@ def _check_fraction(value: float) -> float:
         raise InputError(f"val_fraction must be a number in [0, 1), got {value!r}") from None
     if not 0.0 <= value < 1.0:
         raise InputError(f"val_fraction must be in [0, 1), got {value}")
-    return value
-
-
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value}")
     return value

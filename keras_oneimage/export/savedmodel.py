@@ -18,7 +18,6 @@ image gets); the trunk normalises its input inside, so the export carries its ow
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from keras_oneimage import validation
 from keras_oneimage.checkpoints import load_checkpoint
 from keras_oneimage.errors import InputError
+from keras_oneimage.files import file_sha256
 
 METADATA_FILE = "keras_oneimage.json"
 DEFAULT_SIGNATURE = "serving_default"
@@ -61,14 +61,6 @@ def _run_info_for(checkpoint: pathlib.Path) -> dict[str, Any]:
         return {}
 
 
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]:
     """(backbone, method model or None, provenance dict) for a model, a backbone, or a checkpoint path."""
     provenance: dict[str, Any] = {}
@@ -76,7 +68,7 @@ def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]
     if isinstance(model_or_backbone, (str, os.PathLike)):
         model, ckpt = load_checkpoint(model_or_backbone)
         provenance["checkpoint"] = str(ckpt.resolve())
-        provenance["checkpoint_sha256"] = _file_sha256(ckpt)
+        provenance["checkpoint_sha256"] = file_sha256(ckpt)
         run_info = _run_info_for(ckpt)
         if run_info:
             provenance["training"] = run_info
@@ -95,36 +87,35 @@ def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]
 
 
 def _check_layers(backbone: Any, layers: Sequence[str] | str) -> tuple[str, ...]:
-    if isinstance(layers, str):
-        layers = (layers,)
-    layers = tuple(str(name) for name in layers)
-    if not layers:
-        raise InputError("layers must name at least one tap, e.g. ('conv1', 'conv2')")
-    if len(set(layers)) != len(layers):
-        raise InputError(f"layers has duplicates: {list(layers)}")
+    """The taps to export, checked against the trunk's ``TAPS`` (AlexNet's for a trunk that names none)."""
     taps = getattr(backbone, "TAPS", None)
-    if taps is not None:
-        unknown = [name for name in layers if name not in taps]
-        if unknown:
-            raise InputError(f"unknown layer(s) {unknown}; the backbone's taps are {list(taps)}")
-    return layers
+    if taps is None:
+        from keras_oneimage.models.alexnet import AlexNet
+
+        taps = AlexNet.TAPS
+    return validation.layer_names(layers, taps)
 
 
-def _output_shapes(backbone: Any, layers: tuple[str, ...], size: int) -> dict[str, tuple[int, ...]] | None:
-    """Per-layer output shapes for a ``size`` x ``size`` input, or None if the trunk gives an empty map.
+def output_shapes(backbone: Any, layers: tuple[str, ...], size: int) -> dict[str, tuple[int, int, int]] | None:
+    """``{layer: (h, w, c)}`` for a ``size`` x ``size`` input, or None if a requested map would be empty.
 
-    Found by graph shape inference (tracing, no kernel runs): running conv / pool kernels on inputs that are too
-    small can crash the process rather than raise.
+    Read from the trunk's own shape arithmetic (``feature_shapes``) when it has one; otherwise found by graph
+    shape inference (tracing, no kernel runs): running conv / pool kernels on inputs that are too small can crash
+    the process rather than raise.
     """
-    import tensorflow as tf
+    if callable(getattr(backbone, "feature_shapes", None)):
+        every = backbone.feature_shapes(size)
+        shapes = {name: tuple(int(d) for d in every[name]) for name in layers}
+    else:
+        import tensorflow as tf
 
-    fn = tf.function(lambda x: backbone.features(x, layers=layers, training=False), autograph=False)
-    try:
-        concrete = fn.get_concrete_function(tf.TensorSpec((1, size, size, 3), tf.float32))
-        shapes = {name: tuple(concrete.structured_outputs[name].shape) for name in layers}
-    except Exception:  # TF / Keras raise ValueError for negative output sizes during shape inference
-        return None
-    if any(d is not None and d < 1 for shape in shapes.values() for d in shape[1:]):
+        fn = tf.function(lambda x: backbone.features(x, layers=layers, training=False), autograph=False)
+        try:
+            concrete = fn.get_concrete_function(tf.TensorSpec((1, size, size, 3), tf.float32))
+            shapes = {name: tuple(concrete.structured_outputs[name].shape[1:]) for name in layers}
+        except Exception:  # TF / Keras raise ValueError for negative output sizes during shape inference
+            return None
+    if any(d is not None and d < 1 for shape in shapes.values() for d in shape):
         return None
     return shapes
 
@@ -132,13 +123,13 @@ def _output_shapes(backbone: Any, layers: tuple[str, ...], size: int) -> dict[st
 def find_min_size(backbone: Any, layers: Sequence[str]) -> int:
     """The smallest square side for which every requested layer gives a non-empty map (binary search)."""
     layers = tuple(layers)
-    hi = next((s for s in (32, 64, 128, 256, 512, _MAX_PROBE_SIZE) if _output_shapes(backbone, layers, s)), None)
+    hi = next((s for s in (32, 64, 128, 256, 512, _MAX_PROBE_SIZE) if output_shapes(backbone, layers, s)), None)
     if hi is None:
         raise InputError(f"the backbone gives no output for layers {list(layers)} even at {_MAX_PROBE_SIZE} px")
     lo = 0  # invariant: lo fails (or is 0), hi works
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _output_shapes(backbone, layers, mid):
+        if output_shapes(backbone, layers, mid):
             hi = mid
         else:
             lo = mid
@@ -173,12 +164,22 @@ def _jsonable(value: Any) -> Any:
 
 
 def build_archive(backbone: Any, layers: tuple[str, ...], min_size: int):
-    """A ``keras.export.ExportArchive`` with the three serving signatures over ``backbone.features``."""
+    """A ``keras.export.ExportArchive`` with the three serving signatures over ``backbone.features``, frozen.
+
+    The signatures read non-trainable copies of the trunk's variables (mapped in with a ``keras.StatelessScope``),
+    so the SavedModel records every variable as non-trainable (its proto takes the flag from the ``tf.Variable``
+    it saves) and the caller's model is never touched. The copies keep the trunk's variable paths as names
+    (``alexnet/conv1/conv/kernel``): `keras_oneimage.transfer` rebuilds a trunk from an export by them.
+    """
     import keras
     import tensorflow as tf
 
+    if not getattr(backbone, "built", True):
+        backbone.build()  # an AlexNet builds for its own image_size; its variables must exist to be copied
+    frozen = [(v, tf.Variable(v.value, trainable=False, name=v.path)) for v in backbone.variables]
     archive = keras.export.ExportArchive()
-    archive.track(backbone)
+    archive.variables.extend(copy for _, copy in frozen)
+    archive.non_trainable_variables.extend(copy for _, copy in frozen)
     size_message = (
         f"images must be at least {min_size}x{min_size} pixels (height x width) for layers "
         f"{','.join(layers)} of this export"
@@ -192,7 +193,8 @@ def build_archive(backbone: Any, layers: tuple[str, ...], min_size: int):
         ]
         with tf.control_dependencies(checks):
             images = tf.identity(images)
-        out = backbone.features(images, layers=layers, training=False)
+        with keras.StatelessScope(state_mapping=frozen):
+            out = backbone.features(images, layers=layers, training=False)
         return {name: tf.cast(out[name], tf.float32) for name in layers}
 
     def serving_default(images):
@@ -279,8 +281,7 @@ def export(
     if min_size is None:
         min_size = found_min
     else:
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-            raise InputError(f"min_size must be a positive integer, got {min_size!r}")
+        min_size = validation.positive_int("min_size", min_size)
         if min_size < found_min:
             raise InputError(f"min_size {min_size} is too small: layers {list(layers)} need at least {found_min} px")
 
@@ -294,7 +295,7 @@ def export(
 
     image_size = int(getattr(backbone, "image_size", 0) or 0) or None
     reference = image_size if image_size and image_size >= min_size else min_size
-    shapes = _output_shapes(backbone, layers, reference) or {}
+    shapes = output_shapes(backbone, layers, reference) or {}
     info: dict[str, Any] = {
         "format": "keras_oneimage.export/1",
         "package_version": keras_oneimage.__version__,
@@ -314,7 +315,7 @@ def export(
             BYTES_SIGNATURE: {"name": BYTES_INPUT, "dtype": "string", "shape": [-1], "content": "JPEG/PNG/GIF/BMP"},
         },
         "outputs": {
-            name: {"dtype": "float32", "channels": shape[-1], "shape_at": {str(reference): list(shape[1:])}}
+            name: {"dtype": "float32", "channels": shape[-1], "shape_at": {str(reference): list(shape)}}
             for name, shape in shapes.items()
         },
         "signatures": list(SIGNATURES),
@@ -328,16 +329,7 @@ def export(
     info.update(extra)
 
     tmp = base / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    # Freeze: every variable is saved as non-trainable (the SavedVariable proto takes the flag from the underlying
-    # tf.Variable); the caller's model gets its flags back afterwards.
-    was_trainable = backbone.trainable
-    tf_vars = [getattr(v, "value", v) for v in backbone.variables]
-    tf_vars = [v for v in tf_vars if isinstance(v, tf.Variable) and hasattr(v, "_trainable")]
-    tf_flags = [v._trainable for v in tf_vars]
     try:
-        backbone.trainable = False
-        for v in tf_vars:
-            v._trainable = False
         archive = build_archive(backbone, layers, min_size)
         archive.write_out(str(tmp), verbose=False)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -352,9 +344,6 @@ def export(
                     raise
         return target
     finally:
-        backbone.trainable = was_trainable
-        for v, flag in zip(tf_vars, tf_flags):
-            v._trainable = flag
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

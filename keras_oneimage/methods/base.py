@@ -1,66 +1,12 @@
 """What every self-supervised method shares: a backbone, a train_step, and optional per-method callbacks."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
-
-from keras_oneimage.errors import InputError
-
-#: Keras dtype policies `fit` accepts for ``precision`` ("auto" resolves to one of the first two).
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_amx_bf16() -> bool:
-    """True on x86 CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), read from ``/proc/cpuinfo``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(precision: str | None = "auto") -> str:
-    """The Keras dtype policy name for ``precision``.
-
-    ``"auto"`` (or None) picks ``"mixed_bfloat16"`` when training runs on a CPU with AMX-BF16 and TensorFlow's
-    oneDNN kernels are on (RotNet steps measured 2.2-2.9x faster than in float32, with the same probe accuracy;
-    docs/performance.md), else ``"float32"`` (GPUs, and CPUs without bf16 matrix units, where bf16 is emulated).
-    """
-    if precision is None or precision == "auto":
-        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
-        on_cpu = not tf.config.list_physical_devices("GPU")
-        return "mixed_bfloat16" if on_cpu and onednn and cpu_has_amx_bf16() else "float32"
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose 'auto' or one of: {', '.join(PRECISIONS)}")
-    return precision
-
-
-@contextlib.contextmanager
-def precision_scope(precision: str | None = "auto") -> Iterator[str]:
-    """Build models inside this block to give them the ``precision`` policy (resolved as `resolve_precision`);
-    the global Keras policy is restored on exit. Yields the policy name.
-
-    Weights stay float32 under the mixed policies; `AlexNet` and `RotNet` record the policy in their config, so a
-    reloaded ``model.keras`` computes as it trained. ``AlexNet.features`` and every export return float32.
-    """
-    policy = resolve_precision(precision)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        yield policy
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 @dataclasses.dataclass
@@ -99,50 +45,6 @@ def scale_loss_for_replicas(loss):
     if replicas > 1:
         loss = loss * tf.cast(1.0 / replicas, loss.dtype)
     return loss
-
-
-#: Hidden widths of the MLP heads: AlexNet's fc6-fc7 for the "imagenet" variant (Gidaris et al. 2018; Caron et al.
-#: 2018), a quarter of that for the CIFAR-scale "cifar" variant.
-IMAGENET_HEAD = (4096, 4096)
-CIFAR_HEAD = (1024, 1024)
-
-
-def default_head_widths(backbone) -> tuple[int, ...]:
-    """:data:`IMAGENET_HEAD` for an "imagenet" AlexNet, else :data:`CIFAR_HEAD`."""
-    return IMAGENET_HEAD if getattr(backbone, "variant", "cifar") == "imagenet" else CIFAR_HEAD
-
-
-def check_head_widths(head_widths: Sequence[int]) -> tuple[int, ...]:
-    """``head_widths`` as a tuple of positive ints, or :class:`InputError`."""
-    try:
-        widths = tuple(int(w) for w in head_widths)
-    except (TypeError, ValueError):
-        raise InputError(f"head_widths must be a sequence of positive integers, got {head_widths!r}") from None
-    if any(w < 1 for w in widths):
-        raise InputError(f"head_widths must be positive integers, got {head_widths!r}")
-    return widths
-
-
-def mlp_head(widths: Sequence[int], outputs: int, *, dtype, output_initializer="glorot_uniform",
-             name: str = "head") -> keras.Sequential:
-    """flatten → [Dense (no bias) → BatchNorm → ReLU] per width → Dense(outputs) logits in float32.
-
-    BatchNorm keeps the top layer's input at unit scale whatever the trunk's feature size, so the top layer's
-    step size does not grow with the feature dimension (a linear layer straight on 4k unnormalised conv5 features
-    overshoots at SGD lr 0.05). Hidden layers compute in ``dtype`` (the method's policy); the logits are float32
-    even under mixed precision, so the softmax cross-entropy is stable.
-    """
-    from keras_oneimage.models.alexnet import FusedBatchNormalization
-
-    layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten", dtype=dtype)]
-    for i, width in enumerate(widths, start=1):
-        layers += [
-            keras.layers.Dense(width, use_bias=False, name=f"fc{i}", dtype=dtype),
-            FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"fc{i}_bn", dtype=dtype),
-            keras.layers.ReLU(name=f"fc{i}_relu", dtype=dtype),
-        ]
-    layers.append(keras.layers.Dense(outputs, kernel_initializer=output_initializer, dtype="float32", name="logits"))
-    return keras.Sequential(layers, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_oneimage")

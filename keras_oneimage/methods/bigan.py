@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
@@ -166,8 +167,7 @@ class BiGAN(SelfSupervisedMethod):
         super().__init__(backbone, **kwargs)
         for name, value in (("latent_dim", latent_dim), ("generator_width", generator_width),
                             ("discriminator_width", discriminator_width)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            validation.positive_int(name, value)
         if not 0.0 <= float(dropout) < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
         for name, value in (("d_learning_rate", d_learning_rate), ("eg_learning_rate", eg_learning_rate)):

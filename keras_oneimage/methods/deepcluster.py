@@ -36,17 +36,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import kmeans as kmeans_lib
-from keras_oneimage.methods.base import (
-    FitContext,
-    SelfSupervisedMethod,
-    check_head_widths,
-    default_head_widths,
-    mlp_head,
-    unpack_patches,
-)
+from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
+from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
 
 #: Clusters. Caron et al. use k = 10,000 for 1.28M ImageNet images (≈128 images per cluster, §5.1 finds
 #: over-segmentation helps). The default pool of 10,000 patches with k = 100 keeps ≈100 patches per cluster.
@@ -149,8 +144,7 @@ class DeepCluster(SelfSupervisedMethod):
             ("kmeans_iterations", kmeans_iterations, 1),
             ("feature_batch_size", feature_batch_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            validation.int_at_least(name, value, minimum)
         if num_clusters > pool_size:
             raise InputError(f"num_clusters ({num_clusters}) must not exceed pool_size ({pool_size})")
         self.num_clusters = int(num_clusters)

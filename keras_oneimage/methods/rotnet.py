@@ -12,19 +12,12 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from keras_oneimage.methods.base import (
-    CIFAR_HEAD,
-    IMAGENET_HEAD,
-    SelfSupervisedMethod,
-    check_head_widths,
-    default_head_widths,
-    mlp_head,
-    unpack_patches,
-)
+from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
+from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
 
 NUM_ROTATIONS = 4
-__all__ = ["CIFAR_HEAD", "IMAGENET_HEAD", "NUM_ROTATIONS", "RotNet", "rotate_batch", "rotation_loss"]
+__all__ = ["NUM_ROTATIONS", "RotNet", "rotate_batch", "rotation_loss"]
 
 
 def rotate_batch(patches: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

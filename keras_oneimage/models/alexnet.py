@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import keras
 from keras import ops
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 from keras_oneimage.models.sobel import Sobel
 
@@ -140,14 +141,6 @@ class ConvBNReLU(keras.layers.Layer):
         }
 
 
-def _check_layers(layers: str | Iterable[str]) -> tuple[str, ...]:
-    names = (layers,) if isinstance(layers, str) else tuple(layers)
-    bad = [n for n in names if n not in AlexNet.TAPS]
-    if bad or not names:
-        raise InputError(f"unknown layer(s) {bad or names!r}; choose from {', '.join(AlexNet.TAPS)}")
-    return names
-
-
 @keras.saving.register_keras_serializable(package="keras_oneimage")
 class AlexNet(keras.Model):
     """AlexNet-BN trunk. ``call`` returns the pooled conv5 map; ``features`` returns the conv1…conv5 taps.
@@ -248,7 +241,7 @@ class AlexNet(keras.Model):
         Stops after the deepest requested layer. ``dtype`` casts the taps (default float32, so probes get float32
         even under a mixed-precision policy); ``None`` keeps the compute dtype.
         """
-        names = _check_layers(layers)
+        names = validation.layer_names(layers, self.TAPS)
         deepest = max(self.TAPS.index(n) for n in names)
         out = {}
         x = self.preprocess(x)
@@ -262,9 +255,13 @@ class AlexNet(keras.Model):
 
     # ------------------------------------------------------------------------------------------------ shapes
     def feature_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:
-        """``{tap: (h, w, c)}`` for square inputs of side ``image_size`` (default: the model's), plus ``"output"``."""
+        """``{tap: (h, w, c)}`` for square inputs of side ``image_size`` (default: the model's), plus ``"output"``.
+
+        The arithmetic of this model's own layers: its conv1 stride was fixed by the ``image_size`` it was built
+        for, so another input side keeps that stride (a "cifar" trunk built for 64 px halves a 32 px input too).
+        """
         size = self.image_size if image_size is None else int(image_size)
-        return _feature_shapes(_stem_spec(self.variant, size), size, self.widths)
+        return _feature_shapes(self._spec, size, self.widths)
 
     @property
     def input_channels(self) -> int:

@@ -18,6 +18,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData
 from keras_oneimage.errors import InputError
 from keras_oneimage.probes.knn import knn_probe
@@ -60,8 +61,7 @@ class ProbeCallback(keras.callbacks.Callback):
         verbose: int = 0,
     ):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise InputError(f"every must be a positive integer, got {every!r}")
+        every = validation.positive_int("every", every)
         if kind not in KINDS:
             raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if split not in ("val", "test"):

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData
+from keras_oneimage.data.pipelines import eval_pipeline
 from keras_oneimage.errors import InputError
 from keras_oneimage.probes.linear import (
     TAPS,
@@ -28,11 +29,10 @@ from keras_oneimage.probes.linear import (
     PoolSpec,
     as_labelled,
     check_layers,
-    eval_pipeline,
     pooling_for,
+    probe_image_size,
     tap_shapes,
 )
-from keras_oneimage.probes.linear import _image_size, _positive_int
 
 K = 20
 TEMPERATURE = 0.07  # Wu et al. 2018
@@ -77,18 +77,18 @@ def knn_predict(
     """The kNN predicted class of every ``split`` image per layer, and the true labels, as numpy arrays."""
     data = as_labelled(data)
     layers = check_layers(backbone, layers)
-    k = _positive_int("k", k)
-    batch_size = _positive_int("batch_size", batch_size)
-    max_query_bytes = _positive_int("max_query_bytes", max_query_bytes)
+    k = validation.positive_int("k", k)
+    batch_size = validation.positive_int("batch_size", batch_size)
+    max_query_bytes = validation.positive_int("max_query_bytes", max_query_bytes)
     if temperature is not None:
         temperature = validation.positive_finite("temperature", temperature)
     if split not in ("val", "test"):
         raise InputError(f"split must be 'val' or 'test', got {split!r}")
     if data.train_size == 0 or data.size(split) == 0:
         raise InputError(f"kNN needs a non-empty train split and {split!r} split")
-    size = _image_size(backbone, data, image_size)
+    size = probe_image_size(backbone, data, image_size)
     pooling = {
-        layer: pooling_for(shape, _positive_int("target_dims", target_dims))
+        layer: pooling_for(shape, validation.positive_int("target_dims", target_dims))
         for layer, shape in tap_shapes(backbone, layers, size).items()
     }
     k = min(k, data.train_size)

@@ -28,11 +28,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_oneimage import validation
+from keras_oneimage.data import pipelines
 from keras_oneimage.data.labelled import LabelledData, load_labelled
 from keras_oneimage.errors import InputError
+from keras_oneimage.models.alexnet import AlexNet
 from keras_oneimage.probes.protocols import ProbeProtocol, get_protocol
 
-TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+#: The taps probed by default, and the names a trunk without its own ``TAPS`` is checked against.
+TAPS = AlexNet.TAPS
 #: Probe input size the paper's pooling aims at (6 x 6 x 256 = 9216; its table lands on 9216 or 9600).
 TARGET_DIMS = 9216
 #: Paper probe code: 36 epochs, SGD lr 0.01 / momentum 0.9 / weight decay 1e-5, batch 192, lr /10 at 10, 20, 30.
@@ -42,7 +45,6 @@ LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-5
 BATCH_SIZE = 192
-_SHUFFLE_BYTES = 256 << 20  # shuffle buffer budget (decoded float32 images)
 
 
 # ------------------------------------------------------------------------------------------------------- pooling
@@ -108,7 +110,7 @@ def pooling_table(
 ) -> dict[str, PoolSpec]:
     """The :class:`PoolSpec` of each probed layer of ``backbone`` at ``image_size`` (default: the backbone's)."""
     layers = check_layers(backbone, layers)
-    size = _image_size(backbone, None, image_size)
+    size = probe_image_size(backbone, None, image_size)
     return {layer: pooling_for(shape, target_dims) for layer, shape in tap_shapes(backbone, layers, size).items()}
 
 
@@ -195,84 +197,6 @@ class LinearProbes(keras.Model):
         x, y = data
         self._update(y, self(x, training=False))
         return {m.name: m.result() for m in self.metrics}
-
-
-# ----------------------------------------------------------------------------------------------------- pipelines
-def train_pipeline(ds: tf.data.Dataset, size: int, num_examples: int, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Resize, reshuffle every epoch, pad-and-crop + flip (stateless, seeded), batch. Same seed, same stream."""
-    pad = max(1, round(size / 8))  # 4 px at 32 px: the usual CIFAR pad-4 random crop
-    buffer = max(1, min(num_examples, _SHUFFLE_BYTES // (size * size * 3 * 4)))
-    ds = ds.map(_resizer(size), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    noise = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-
-    def augment(example, r):
-        image, label = example
-        keys = tf.random.experimental.stateless_split(tf.stack([r, tf.constant(seed, tf.int64)]), num=2)
-        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-        image = tf.image.stateless_random_crop(image, [size, size, 3], seed=keys[0])
-        image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
-        return image, label
-
-    ds = tf.data.Dataset.zip(ds, noise).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def eval_pipeline(ds: tf.data.Dataset, size: int, batch_size: int, resize: int | None = None) -> tf.data.Dataset:
-    """Resize and batch, in order, no augmentation. ``resize``: resize to that side first, then centre-crop
-    ``size`` (the paper's test transform: 256, then 224)."""
-    if resize is None:
-        ds = ds.map(_resizer(size), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        offset = (resize - size) // 2
-
-        def centre(image, label):
-            image, label = _resizer(resize)(image, label)
-            return image[offset:offset + size, offset:offset + size], label
-
-        ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def resized_crop_pipeline(
-    ds: tf.data.Dataset, size: int, num_examples: int, batch_size: int, seed: int,
-    scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tf.data.Dataset:
-    """The ImageNet-style train transform of the paper's probes: a random crop covering ``scale`` of the image
-    with aspect ratio in ``ratio`` (log-uniform), resized to ``size``, and a horizontal flip. Stateless, seeded."""
-    buffer = max(1, min(num_examples, _SHUFFLE_BYTES // (size * size * 3 * 4)))
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    noise = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-
-    def augment(example, r):
-        image, label = example
-        image = tf.convert_to_tensor(image, tf.float32)
-        keys = tf.random.experimental.stateless_split(tf.stack([r, tf.constant(seed, tf.int64)]), num=4)
-        u = tf.random.stateless_uniform([4], seed=keys[0], alg="philox")
-        area = scale[0] + (scale[1] - scale[0]) * u[0]
-        aspect = tf.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        # Box in normalised coordinates, clipped to the image (torchvision retries; clipping keeps it one op).
-        w = tf.minimum(tf.sqrt(area * aspect), 1.0)
-        h = tf.minimum(tf.sqrt(area / aspect), 1.0)
-        y0, x0 = (1.0 - h) * u[2], (1.0 - w) * u[3]
-        box = tf.stack([y0, x0, y0 + h, x0 + w])[None]
-        crop = tf.image.crop_and_resize(image[None], box, [0], [size, size], method="bilinear")[0]
-        crop = tf.image.stateless_random_flip_left_right(crop, seed=keys[1])
-        return tf.clip_by_value(crop, 0.0, 1.0), tf.cast(label, tf.int32)
-
-    ds = tf.data.Dataset.zip(ds, noise).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def _resizer(size: int):
-    def resize(image, label):
-        image = tf.convert_to_tensor(image, tf.float32)
-        if tuple(image.shape[:2]) != (size, size):  # static shape unknown or different
-            image = tf.image.resize(image, [size, size], antialias=True)
-        return tf.ensure_shape(image, [size, size, 3]), tf.cast(label, tf.int32)
-
-    return resize
 
 
 def step_schedule(learning_rate: float, epochs: int,
@@ -415,13 +339,13 @@ def _train(
     layers = check_layers(backbone, layers)
     given = protocol.resolve(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              weight_decay=weight_decay)
-    epochs = _positive_int("epochs", given["epochs"])
-    batch_size = _positive_int("batch_size", given["batch_size"])
+    epochs = validation.positive_int("epochs", given["epochs"])
+    batch_size = validation.positive_int("batch_size", given["batch_size"])
     learning_rate = validation.positive_finite("learning_rate", given["learning_rate"])
     weight_decay = given["weight_decay"]
     seed = validation.seed(seed)
     if target_dims is not None:
-        target_dims = _positive_int("target_dims", target_dims)
+        target_dims = validation.positive_int("target_dims", target_dims)
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise InputError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
     if not splits or any(split not in ("val", "test") for split in splits):
@@ -431,7 +355,7 @@ def _train(
     for split in splits:
         if data.size(split) == 0:
             raise InputError(f"the {split!r} split is empty" + (" (load it with val_fraction > 0)" * (split == "val")))
-    size = _image_size(backbone, data, protocol.image_size if image_size is None else image_size)
+    size = probe_image_size(backbone, data, protocol.image_size if image_size is None else image_size)
     if protocol.eval_resize is not None and protocol.eval_resize < size:
         raise InputError(f"the {protocol.name!r} protocol resizes test images to {protocol.eval_resize} px, "
                          f"below the probe input of {size} px")
@@ -441,14 +365,14 @@ def _train(
     pooling = protocol_pooling(protocol, tap_shapes(backbone, layers, size), target_dims)
 
     def evaluation_images(name: str) -> tf.data.Dataset:
-        return eval_pipeline(data.split(name), size, batch_size, resize=protocol.eval_resize)
+        return pipelines.eval_pipeline(data.split(name), size, batch_size, resize=protocol.eval_resize)
 
     if augment:
         model = LinearProbes(backbone, pooling, data.num_classes, seed=seed)
         if protocol.train_transform == "resized_crop_flip":
-            train = resized_crop_pipeline(data.train, size, data.train_size, batch_size, seed)
+            train = pipelines.resized_crop_pipeline(data.train, size, data.train_size, batch_size, seed)
         else:
-            train = train_pipeline(data.train, size, data.train_size, batch_size, seed)
+            train = pipelines.train_pipeline(data.train, size, data.train_size, batch_size, seed)
         evaluation = evaluation_images
 
     else:  # the trunk runs once per image; the probes train on its pooled taps for every epoch
@@ -566,22 +490,16 @@ def as_labelled(data) -> LabelledData:
 
 
 def check_layers(backbone, layers: str | Iterable[str]) -> tuple[str, ...]:
-    """The requested taps as a tuple, each known to the backbone (``backbone.TAPS``, else conv1…conv5)."""
+    """The requested taps as a tuple, each known to the backbone (``backbone.TAPS``, else AlexNet's)."""
     if not hasattr(backbone, "features"):
         raise InputError(f"{type(backbone).__name__} has no features(x, layers) method to probe")
-    known = tuple(getattr(backbone, "TAPS", TAPS))
-    names = (layers,) if isinstance(layers, str) else tuple(layers)
-    bad = [n for n in names if n not in known]
-    if not names or bad:
-        raise InputError(f"unknown layer(s) {bad or list(names)}; choose from {', '.join(known)}")
-    if len(set(names)) != len(names):
-        raise InputError(f"layers must not repeat, got {list(names)}")
-    return names
+    return validation.layer_names(layers, getattr(backbone, "TAPS", TAPS))
 
 
-def _image_size(backbone, data: LabelledData | None, image_size: int | None) -> int:
+def probe_image_size(backbone, data: LabelledData | None, image_size: int | None) -> int:
+    """The side probe images are resized to: ``image_size`` if given, else the trunk's, else the data's."""
     if image_size is not None:
-        return _positive_int("image_size", image_size)
+        return validation.positive_int("image_size", image_size)
     if getattr(backbone, "image_size", None):
         return int(backbone.image_size)
     if data is not None:
@@ -589,15 +507,3 @@ def _image_size(backbone, data: LabelledData | None, image_size: int | None) -> 
         if h is not None and h == w:
             return int(h)
     raise InputError("cannot tell the probe image size: pass image_size=")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
-        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)

@@ -81,14 +81,6 @@ def encode_array(arr: np.ndarray, name: str = "") -> bytes:
     return _dumps(_json_value(arr, name))
 
 
-def encode_rows(arr: np.ndarray, name: str = "") -> list[bytes]:
-    """JSON text of each entry along axis 0 (one list per instance, for the row format)."""
-    arr = np.asarray(arr)
-    if arr.ndim == 0:
-        raise ValueError("a row-format output needs a batch dimension")
-    return [encode_array(row, name) for row in arr]
-
-
 def encode_predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> bytes:
     """TF Serving's predict response: ``predictions`` (row) or ``outputs`` (columnar); names dropped if single."""
     names = list(outputs)
@@ -260,7 +252,7 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """The request body as Python values: orjson (compiled, ~3x faster), else the json module.
+    """The request body as Python values: orjson (compiled, so faster on large bodies), else the json module.
 
     The json module is the fallback for what orjson refuses but TF Serving's parser takes (``NaN``, ``Infinity``,
     integers beyond 64 bits), and it gives the error message for malformed bodies (with line and column).

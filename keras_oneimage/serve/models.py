@@ -323,6 +323,12 @@ class ModelManager:
             raise RequestError(f"Servable not found for request: Specific({self.name}, {version})", 404)
         return current
 
+    def load_failures(self) -> list[tuple[int, str]]:
+        """``(version, error message)`` of each version whose last load failed, newest first."""
+        with self._lock:
+            return [(v, s["error_message"]) for v, s in sorted(self._states.items(), reverse=True)
+                    if s["error_code"] != "OK"]
+
     def status(self, version: int | None = None) -> list[dict[str, Any]]:
         items = sorted(self._states.items(), reverse=True)
         if version is not None:

@@ -37,14 +37,10 @@ from typing import Any
 
 from keras_oneimage.errors import InputError
 from keras_oneimage.serve.batching import BatchScheduler, QueueFullError
-from keras_oneimage.serve.codec import (  # noqa: F401  (re-exported: the module's API before the split)
-    DEFAULT_SIGNATURE,
+from keras_oneimage.serve.codec import (
     PredictRequest,
-    encode_array,
     encode_predict_response,
-    encode_rows,
     model_error_message,
-    parse_json,
     parse_predict,
 )
 from keras_oneimage.serve.errors import RequestError
@@ -54,13 +50,7 @@ from keras_oneimage.serve.limits import (
     DEFAULT_MAX_PIXELS,
     Limits,
 )
-from keras_oneimage.serve.models import (  # noqa: F401
-    VERSION_RE,
-    ModelManager,
-    ServedVersion,
-    Signature,
-    TensorSpec,
-)
+from keras_oneimage.serve.models import VERSION_RE, ModelManager, ServedVersion
 
 log = logging.getLogger("keras_oneimage.serve")
 
@@ -514,7 +504,7 @@ def serve(
         log.propagate = propagate
     manager = app.state.manager
     if require_version and manager.current is None:
-        failed = [(v, s["error_message"]) for v, s in sorted(manager._states.items(), reverse=True)]
+        failed = manager.load_failures()
         why = f"version {failed[0][0]} does not load: {failed[0][1]}" if failed else (
             "no numbered version directory holding a saved_model.pb (write one with `keras-oneimage export`)")
         raise InputError(f"nothing to serve in {str(model_base_path)!r}: {why}")
