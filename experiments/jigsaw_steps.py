@@ -35,7 +35,7 @@ class Step:
         from keras_oneimage.data.images import load_image
         from keras_oneimage.data.synthetic import patch_dataset
         from keras_oneimage.methods import registry
-        from keras_oneimage.methods.base import precision_scope
+        from keras_oneimage.precision import precision_scope
         from keras_oneimage.models import AlexNet
 
         keras.utils.set_random_seed(0)

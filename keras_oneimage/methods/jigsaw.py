@@ -25,14 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_oneimage.errors import InputError
-from keras_oneimage.methods.base import (
-    SelfSupervisedMethod,
-    check_head_widths,
-    default_head_widths,
-    mlp_head,
-    unpack_patches,
-)
+from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
+from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
 
 GRID = 3
 NUM_TILES = GRID * GRID
