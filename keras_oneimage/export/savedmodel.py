@@ -38,7 +38,7 @@ BYTES_SIGNATURE = "serving_bytes"
 SIGNATURES = (DEFAULT_SIGNATURE, UINT8_SIGNATURE, BYTES_SIGNATURE)
 IMAGE_INPUT = "images"
 BYTES_INPUT = "image_bytes"
-#: Largest side probed when searching for the smallest accepted image (no AlexNet needs more).
+#: Largest side probed when searching for the smallest accepted image (no built-in trunk needs more).
 _MAX_PROBE_SIZE = 1024
 _VERSION_RE = re.compile(r"^[0-9]+$")
 _TMP_PREFIX = ".tmp-"
@@ -94,7 +94,9 @@ def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]
     return backbone, method, provenance
 
 
-def _check_layers(backbone: Any, layers: Sequence[str] | str) -> tuple[str, ...]:
+def _check_layers(backbone: Any, layers: Sequence[str] | str | None) -> tuple[str, ...]:
+    if layers is None:  # the trunk's first two taps: conv1-conv2 of an AlexNet, stem and stage1 of a ResNet-18
+        layers = tuple(getattr(backbone, "TAPS", ("conv1", "conv2")))[:2]
     if isinstance(layers, str):
         layers = (layers,)
     layers = tuple(str(name) for name in layers)
@@ -243,7 +245,7 @@ def export(
     model_or_backbone: Any,
     base_dir: str | os.PathLike,
     *,
-    layers: Sequence[str] | str = ("conv1", "conv2"),
+    layers: Sequence[str] | str | None = None,
     metadata: Mapping[str, Any] | None = None,
     min_size: int | None = None,
 ) -> pathlib.Path:
@@ -253,7 +255,8 @@ def export(
       model_or_backbone: a method model (its ``.backbone`` is exported), a backbone with ``features``, or a path to
         a ``model.keras`` checkpoint (or a `fit` output_dir holding one; its ``run.json`` goes into the metadata).
       base_dir: the model's base path (what TF Serving's ``--model_base_path`` points at); created if missing.
-      layers: the taps to return, e.g. ``("conv1", "conv2")``; each becomes a named output of every signature.
+      layers: the taps to return, e.g. ``("conv1", "conv2")`` or ``("stage1",)``; each becomes a named output of
+        every signature. Default: the trunk's first two taps (``backbone.TAPS[:2]``).
       metadata: extra JSON-able facts to record (training config, probe accuracies, ...); they override the
         automatically gathered ones with the same key.
       min_size: smallest accepted image side; found by probing the trunk when ``None``.
@@ -302,6 +305,8 @@ def export(
         "keras_version": keras.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backbone": type(backbone).__name__,
+        "trunk": _trunk_name(backbone),
+        "trunk_config": _jsonable(backbone.get_config()) if _trunk_name(backbone) else None,
         "variant": getattr(backbone, "variant", None),
         "sobel": getattr(backbone, "sobel", None),
         "training_image_size": image_size,
@@ -357,6 +362,17 @@ def export(
             v._trainable = flag
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trunk_name(backbone: Any) -> str | None:
+    """The registry name of the trunk (``trunk_class(name).from_config(trunk_config)`` rebuilds it), None if
+    unregistered."""
+    from keras_oneimage.models.registry import trunk_name
+
+    try:
+        return trunk_name(backbone)
+    except InputError:
+        return None
 
 
 def read_metadata(version_dir: str | os.PathLike) -> dict[str, Any]:
