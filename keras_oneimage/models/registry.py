@@ -10,6 +10,7 @@ taps plus ``"output"``, what ``call`` returns), ``variant`` (``"cifar"`` or ``"i
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from keras_oneimage.errors import InputError
@@ -53,11 +54,27 @@ def build_trunk(name: str | None = DEFAULT_TRUNK, *, variant: str | None = None,
     cls = trunk_class(name)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise InputError(f"image_size must be a positive integer, got {image_size!r}")
+    unknown = sorted(set(options) - _options_of(cls))
+    if unknown:
+        raise InputError(f"the {_name_of(cls)!r} trunk has no option(s) {', '.join(unknown)}; it takes "
+                         f"{', '.join(sorted(_options_of(cls)))}")
     variant = default_variant(image_size) if variant is None else variant
-    try:
-        return cls(variant=variant, image_size=image_size, **options)
-    except TypeError as exc:  # an option the trunk does not take
-        raise InputError(f"bad option for the {name or DEFAULT_TRUNK!r} trunk: {exc}") from None
+    return cls(variant=variant, image_size=image_size, **options)
+
+
+#: Keyword arguments every Keras model takes besides its own.
+_KERAS_OPTIONS = frozenset({"name", "dtype", "trainable"})
+
+
+def _options_of(cls: type) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters
+    own = {p for p, v in params.items() if v.kind is v.POSITIONAL_OR_KEYWORD or v.kind is v.KEYWORD_ONLY}
+    return (own | _KERAS_OPTIONS) - {"self", "variant", "image_size"}
+
+
+def _name_of(cls: type) -> str:
+    """The registry name of trunk class ``cls``."""
+    return next(name for name, known in _TRUNKS.items() if known is cls)
 
 
 def trunk_name(model: Any) -> str:
