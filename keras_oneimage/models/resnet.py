@@ -5,7 +5,8 @@ a stem, then four stages of two BasicBlocks (3x3 conv → BN → ReLU → 3x3 co
 with widths 64-128-256-512; the first block of stages 2-4 halves the map with a stride-2 3x3 conv and a 1x1
 stride-2 projection shortcut (their option B, as torchvision). Asano et al. (ICLR 2020) only train AlexNet; this
 trunk lets one ask whether the finding holds for a stronger CNN (Kolesnikov et al., CVPR 2019, "Revisiting
-self-supervised visual representation learning", compare RotNet on AlexNet and ResNets).
+self-supervised visual representation learning", found that conclusions drawn on one architecture need not carry
+over to another).
 
 Two stems, chosen like the AlexNet's ``variant``:
 
