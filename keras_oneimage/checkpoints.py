@@ -13,7 +13,7 @@ CHECKPOINT_NAME = "model.keras"
 
 def import_registered_classes() -> None:
     """Import the package's Keras classes so that ``keras.saving.load_model`` can rebuild them."""
-    importlib.import_module("keras_oneimage.models.alexnet")
+    importlib.import_module("keras_oneimage.models.registry")  # every registered trunk (AlexNet, ResNet18)
     importlib.import_module("keras_oneimage.models.classifier")  # fine-tuned and supervised trunks
     from keras_oneimage.methods import registry
 
@@ -55,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, pathlib.Path]:
 
 
 def backbone_of(model_or_checkpoint: Any) -> Any:
-    """The AlexNet trunk of a method model, a backbone, or a checkpoint path."""
+    """The trunk (AlexNet, ResNet18, ...) of a method model, a backbone, or a checkpoint path."""
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
         model_or_checkpoint, _ = load_checkpoint(model_or_checkpoint)
     backbone = getattr(model_or_checkpoint, "backbone", model_or_checkpoint)

@@ -72,10 +72,11 @@ def _conv2d_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _conv1_kernel(model) -> tuple[np.ndarray, object]:
     backbone = getattr(model, "backbone", model)
+    first = tuple(getattr(backbone, "TAPS", ("conv1",)))[:1] or ("conv1",)  # AlexNet's conv1, ResNet-18's stem
     try:
-        block = backbone.get_layer("conv1")
+        block = backbone.get_layer(first[0])
     except (ValueError, AttributeError):
-        raise InputError("conv1_filter_grid needs an AlexNet (or a method model with .backbone)") from None
+        raise InputError("conv1_filter_grid needs a trunk (or a method model with .backbone)") from None
     conv = getattr(block, "conv", block)
     if not getattr(conv, "built", False):
         raise InputError("the model is not built yet; call it on a batch before plotting its conv1 filters")

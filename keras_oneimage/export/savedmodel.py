@@ -38,7 +38,7 @@ BYTES_SIGNATURE = "serving_bytes"
 SIGNATURES = (DEFAULT_SIGNATURE, UINT8_SIGNATURE, BYTES_SIGNATURE)
 IMAGE_INPUT = "images"
 BYTES_INPUT = "image_bytes"
-#: Largest side probed when searching for the smallest accepted image (no AlexNet needs more).
+#: Largest side probed when searching for the smallest accepted image (no built-in trunk needs more).
 _MAX_PROBE_SIZE = 1024
 _VERSION_RE = re.compile(r"^[0-9]+$")
 _TMP_PREFIX = ".tmp-"
@@ -86,8 +86,11 @@ def _resolve_backbone(model_or_backbone: Any) -> tuple[Any, Any, dict[str, Any]]
     return backbone, method, provenance
 
 
-def _check_layers(backbone: Any, layers: Sequence[str] | str) -> tuple[str, ...]:
-    """The taps to export, checked against the trunk's ``TAPS`` (AlexNet's for a trunk that names none)."""
+def _check_layers(backbone: Any, layers: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The taps to export, checked against the trunk's ``TAPS`` (AlexNet's for a trunk that names none);
+    ``None``: the trunk's first two taps (conv1-conv2 of an AlexNet, stem and stage1 of a ResNet-18)."""
+    if layers is None:
+        layers = tuple(getattr(backbone, "TAPS", ("conv1", "conv2")))[:2]
     taps = getattr(backbone, "TAPS", None)
     if taps is None:
         from keras_oneimage.models.alexnet import AlexNet
@@ -245,7 +248,7 @@ def export(
     model_or_backbone: Any,
     base_dir: str | os.PathLike,
     *,
-    layers: Sequence[str] | str = ("conv1", "conv2"),
+    layers: Sequence[str] | str | None = None,
     metadata: Mapping[str, Any] | None = None,
     min_size: int | None = None,
 ) -> pathlib.Path:
@@ -255,7 +258,8 @@ def export(
       model_or_backbone: a method model (its ``.backbone`` is exported), a backbone with ``features``, or a path to
         a ``model.keras`` checkpoint (or a `fit` output_dir holding one; its ``run.json`` goes into the metadata).
       base_dir: the model's base path (what TF Serving's ``--model_base_path`` points at); created if missing.
-      layers: the taps to return, e.g. ``("conv1", "conv2")``; each becomes a named output of every signature.
+      layers: the taps to return, e.g. ``("conv1", "conv2")`` or ``("stage1",)``; each becomes a named output of
+        every signature. Default: the trunk's first two taps (``backbone.TAPS[:2]``).
       metadata: extra JSON-able facts to record (training config, probe accuracies, ...); they override the
         automatically gathered ones with the same key.
       min_size: smallest accepted image side; found by probing the trunk when ``None``.
@@ -303,6 +307,8 @@ def export(
         "keras_version": keras.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backbone": type(backbone).__name__,
+        "trunk": _trunk_name(backbone),
+        "trunk_config": _jsonable(backbone.get_config()) if _trunk_name(backbone) else None,
         "variant": getattr(backbone, "variant", None),
         "sobel": getattr(backbone, "sobel", None),
         "training_image_size": image_size,
@@ -346,6 +352,17 @@ def export(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trunk_name(backbone: Any) -> str | None:
+    """The registry name of the trunk (``trunk_class(name).from_config(trunk_config)`` rebuilds it), None if
+    unregistered."""
+    from keras_oneimage.models.registry import trunk_name
+
+    try:
+        return trunk_name(backbone)
+    except InputError:
+        return None
 
 
 def read_metadata(version_dir: str | os.PathLike) -> dict[str, Any]:

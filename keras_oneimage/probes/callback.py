@@ -22,7 +22,7 @@ from keras_oneimage import validation
 from keras_oneimage.data.labelled import LabelledData
 from keras_oneimage.errors import InputError
 from keras_oneimage.probes.knn import knn_probe
-from keras_oneimage.probes.linear import BATCH_SIZE, LEARNING_RATE, TAPS, as_labelled, probe
+from keras_oneimage.probes.linear import BATCH_SIZE, LEARNING_RATE, as_labelled, check_layers, probe
 
 KINDS = ("linear", "knn")
 
@@ -33,7 +33,7 @@ class ProbeCallback(keras.callbacks.Callback):
     Args:
         data: the labelled data (a :class:`LabelledData`, or a name/path for ``load_labelled``).
         every: probe after every ``every``-th epoch (epochs ``every``, ``2 * every``, … counted from 1).
-        layers: taps to probe.
+        layers: taps to probe (default: every tap of the trunk, read from it when training starts).
         epochs: probe training epochs (linear probes only; a short monitor, the paper trains 36).
         batch_size, learning_rate, seed, image_size: passed to the probe.
         kind: ``"linear"`` (the paper's probes) or ``"knn"`` (training-free, cheaper).
@@ -48,7 +48,7 @@ class ProbeCallback(keras.callbacks.Callback):
         data: LabelledData | str | os.PathLike,
         *,
         every: int = 1,
-        layers: Sequence[str] = TAPS,
+        layers: Sequence[str] | None = None,
         epochs: int = 4,
         batch_size: int = BATCH_SIZE,
         learning_rate: float = LEARNING_RATE,
@@ -68,7 +68,7 @@ class ProbeCallback(keras.callbacks.Callback):
             raise InputError(f"split must be 'val' or 'test', got {split!r}")
         self.data = as_labelled(data)
         self.every = every
-        self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
+        self.layers = None if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
         self.kind = kind
         self.split = split
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
@@ -97,8 +97,14 @@ class ProbeCallback(keras.callbacks.Callback):
             return probe(self.backbone, self.data, layers=self.layers, split=self.split, verbose=0, **self._options)
         return knn_probe(self.backbone, self.data, layers=self.layers, split=self.split, **self._options)
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        # The trunk names its taps; fixing them here keeps CSVLogger's columns the same on every epoch.
+        self.layers = check_layers(self.backbone, self.layers)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         number = epoch + 1
+        if self.layers is None:  # used outside Model.fit
+            self.on_train_begin()
         if number % self.every:
             scores = {layer: math.nan for layer in self.layers}
         else:

@@ -106,7 +106,7 @@ def tap_shapes(backbone, layers: Sequence[str], image_size: int) -> dict[str, tu
 
 
 def pooling_table(
-    backbone, layers: Sequence[str] = TAPS, image_size: int | None = None, target_dims: int = TARGET_DIMS
+    backbone, layers: Sequence[str] | None = None, image_size: int | None = None, target_dims: int = TARGET_DIMS
 ) -> dict[str, PoolSpec]:
     """The :class:`PoolSpec` of each probed layer of ``backbone`` at ``image_size`` (default: the backbone's)."""
     layers = check_layers(backbone, layers)
@@ -234,7 +234,7 @@ def probe(
     backbone,
     data: LabelledData | str | os.PathLike,
     *,
-    layers: Sequence[str] = TAPS,
+    layers: Sequence[str] | None = None,
     protocol: str | ProbeProtocol | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -252,7 +252,8 @@ def probe(
     Args:
         backbone: a model with ``features(x, layers, training) -> {layer: tap}`` (e.g. :class:`AlexNet`).
         data: a :class:`LabelledData`, or a name/path for :func:`load_labelled`.
-        layers: taps to probe, all trained together in one pass over the data.
+        layers: taps to probe, all trained together in one pass over the data (default: every tap of the
+            trunk, ``backbone.TAPS``: conv1 … conv5 of an AlexNet, stem, stage1 … stage4 of a ResNet-18).
         protocol: a name from :data:`~keras_oneimage.probes.protocols.PROTOCOLS` (``"cifar"`` by default,
             ``"paper"`` for the authors' 224 px protocol, ``"coarse"`` for ~1k-dim pooling) or a
             :class:`~keras_oneimage.probes.protocols.ProbeProtocol`. It sets the pooling, the image transforms
@@ -281,7 +282,7 @@ def probe_splits(
     data: LabelledData | str | os.PathLike,
     splits: Sequence[str] = ("val", "test"),
     *,
-    layers: Sequence[str] = TAPS,
+    layers: Sequence[str] | None = None,
     protocol: str | ProbeProtocol | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -489,11 +490,13 @@ def as_labelled(data) -> LabelledData:
     raise InputError(f"data must be a LabelledData or a dataset name/path, got {type(data).__name__}")
 
 
-def check_layers(backbone, layers: str | Iterable[str]) -> tuple[str, ...]:
-    """The requested taps as a tuple, each known to the backbone (``backbone.TAPS``, else AlexNet's)."""
+def check_layers(backbone, layers: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The requested taps as a tuple, each known to the backbone (``backbone.TAPS``, else AlexNet's);
+    ``None``: all of them, so every trunk is probed on its own taps."""
     if not hasattr(backbone, "features"):
         raise InputError(f"{type(backbone).__name__} has no features(x, layers) method to probe")
-    return validation.layer_names(layers, getattr(backbone, "TAPS", TAPS))
+    known = tuple(getattr(backbone, "TAPS", TAPS))
+    return known if layers is None else validation.layer_names(layers, known)
 
 
 def probe_image_size(backbone, data: LabelledData | None, image_size: int | None) -> int:

@@ -19,6 +19,14 @@ pad-and-crop plus flip on train, plain resize on test; the same optimiser and sc
 ``"coarse"`` is the ``"cifar"`` protocol with every tap pooled to about 1k dims instead of 9k (conv1 of the
 32 px cifar stem: a 3x3 grid of its 96 channels), so that the probe cannot read the pixels back through conv1;
 experiments/probe_study.py compares the protocols (experiments/RESULTS.md, "Probe protocol study").
+
+Other trunks: a fixed table only covers the taps it names (the paper's is AlexNet's ``conv1`` … ``conv5``). Every
+other tap, e.g. ResNet-18's ``stem``, ``stage1`` … ``stage4``, gets the rule of the ``"cifar"`` protocol in every
+protocol: the non-overlapping max-pool landing nearest the protocol's ``target_dims``, so a ResNet tap is probed on
+the same ~9k (or ~1k) dimension budget as an AlexNet tap. At 224 px under ``"paper"`` that is stem 9/9 → 12x12x64,
+stage1 5/5 pad 2 → 12x12x64, stage2 3/3 → 9x9x128, stage3 2/2 → 7x7x256, stage4 2/2 pad 1 → 4x4x512; at 32 px
+(cifar stem) 3/3 pad 1 → 11x11x64 for stem and stage1, 2/2 pad 1 → 9x9x128, 2/2 pad 1 → 5x5x256, none → 4x4x512.
+Every ResNet tap is post-ReLU, so zero padding equals the -inf padding of the paper's code there as well.
 """
 from __future__ import annotations
 
