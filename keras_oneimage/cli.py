@@ -23,23 +23,26 @@ class UsageError(Exception):
     """Bad command line (exit 2)."""
 
 
+#: The AugmentConfig fields `fit` takes as flags (their meaning and valid range are read from augment.RANGES).
+AUGMENT_FLAGS = ("min_area", "aspect", "max_rotation", "flip_prob")
+
+
 def _augment_flags(fv: flags.FlagValues) -> None:
+    import dataclasses
+
+    from keras_oneimage.data.recipe import RANGES, AugmentConfig  # no TensorFlow: --help stays instant
+
     flags.DEFINE_float("strength", None, "Scale every augmentation (1 = paper defaults, 0 = none).", flag_values=fv)
-    flags.DEFINE_float("min_area", None, "β: minimum crop area fraction (paper: 1e-4).", flag_values=fv)
-    flags.DEFINE_float("aspect", None, "γ: aspect ratio range [γ, 1/γ] (paper: 3/4).", flag_values=fv)
-    flags.DEFINE_float("max_rotation", None, "Rotation range ± degrees (paper: 35).", flag_values=fv)
-    flags.DEFINE_float("flip_prob", None, "Horizontal flip probability (paper: 0.5).", flag_values=fv)
+    paper = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
+    for name in AUGMENT_FLAGS:
+        valid = RANGES[name]
+        flags.DEFINE_float(name, None, f"{valid.doc}; valid: {valid.interval()} (paper: {paper[name]:g}).", flag_values=fv)
 
 
 def _augment_from_flags(fv: flags.FlagValues):
-    from keras_oneimage.data.augment import AugmentConfig
+    from keras_oneimage.data.recipe import AugmentConfig
 
-    overrides = {
-        name: getattr(fv, name)
-        for name in ("min_area", "aspect", "max_rotation", "flip_prob")
-        if getattr(fv, name) is not None
-    }
-    return AugmentConfig(**overrides)
+    return AugmentConfig(**{name: getattr(fv, name) for name in AUGMENT_FLAGS if getattr(fv, name) is not None})
 
 
 def _check_output_file(flag: str, value: str | None) -> None:
