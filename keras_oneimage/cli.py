@@ -45,6 +45,12 @@ def _augment_from_flags(fv: flags.FlagValues):
     return AugmentConfig(**{name: getattr(fv, name) for name in AUGMENT_FLAGS if getattr(fv, name) is not None})
 
 
+def _methods_help() -> str:
+    from keras_oneimage.methods import registry  # no TensorFlow: the built-in methods are listed by name
+
+    return f"Self-supervised method: {', '.join(registry.available())}."
+
+
 def _check_output_file(flag: str, value: str | None) -> None:
     """A ``--flag`` naming a file to write must be a file path in an existing directory (checked up front)."""
     if value:
@@ -62,7 +68,7 @@ def _fit_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string(
         "image", None, "Source image path (repeat for N images). Default: an embedded photograph.", flag_values=fv
     )
-    flags.DEFINE_string("method", "rotnet", "Self-supervised method: rotnet, deepcluster or bigan.", flag_values=fv)
+    flags.DEFINE_string("method", "rotnet", _methods_help(), flag_values=fv)
     flags.DEFINE_integer("image_size", 64, "Patch side in pixels.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "Global batch size.", flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Epochs.", flag_values=fv)
@@ -294,7 +300,7 @@ def _serve(fv: flags.FlagValues) -> int:
 # ---------------------------------------------------------------------------------------------------------- tune
 def _tune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("image", None, "Source image path (repeat for N). Default: embedded photo.", flag_values=fv)
-    flags.DEFINE_string("method", "rotnet", "Self-supervised method.", flag_values=fv)
+    flags.DEFINE_string("method", "rotnet", _methods_help(), flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "Labelled set to score on (its validation split).", flag_values=fv)
     flags.DEFINE_string("objective", "conv2", "Probe layer to maximise, or 'mean:conv1,conv2'.", flag_values=fv)
     flags.DEFINE_enum("algorithm", "bayesian", ["bayesian", "hyperband", "random"], "Search algorithm.", flag_values=fv)
