@@ -23,23 +23,32 @@ class UsageError(Exception):
     """Bad command line (exit 2)."""
 
 
+#: The AugmentConfig fields `fit` takes as flags (their meaning and valid range are read from augment.RANGES).
+AUGMENT_FLAGS = ("min_area", "aspect", "max_rotation", "flip_prob")
+
+
 def _augment_flags(fv: flags.FlagValues) -> None:
+    import dataclasses
+
+    from keras_oneimage.data.recipe import RANGES, AugmentConfig  # no TensorFlow: --help stays instant
+
     flags.DEFINE_float("strength", None, "Scale every augmentation (1 = paper defaults, 0 = none).", flag_values=fv)
-    flags.DEFINE_float("min_area", None, "β: minimum crop area fraction (paper: 1e-4).", flag_values=fv)
-    flags.DEFINE_float("aspect", None, "γ: aspect ratio range [γ, 1/γ] (paper: 3/4).", flag_values=fv)
-    flags.DEFINE_float("max_rotation", None, "Rotation range ± degrees (paper: 35).", flag_values=fv)
-    flags.DEFINE_float("flip_prob", None, "Horizontal flip probability (paper: 0.5).", flag_values=fv)
+    paper = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
+    for name in AUGMENT_FLAGS:
+        valid = RANGES[name]
+        flags.DEFINE_float(name, None, f"{valid.doc}; valid: {valid.interval()} (paper: {paper[name]:g}).", flag_values=fv)
 
 
 def _augment_from_flags(fv: flags.FlagValues):
-    from keras_oneimage.data.augment import AugmentConfig
+    from keras_oneimage.data.recipe import AugmentConfig
 
-    overrides = {
-        name: getattr(fv, name)
-        for name in ("min_area", "aspect", "max_rotation", "flip_prob")
-        if getattr(fv, name) is not None
-    }
-    return AugmentConfig(**overrides)
+    return AugmentConfig(**{name: getattr(fv, name) for name in AUGMENT_FLAGS if getattr(fv, name) is not None})
+
+
+def _methods_help() -> str:
+    from keras_oneimage.methods import registry  # no TensorFlow: the built-in methods are listed by name
+
+    return f"Self-supervised method: {', '.join(registry.available())}."
 
 
 def _check_output_file(flag: str, value: str | None) -> None:
@@ -59,7 +68,7 @@ def _fit_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string(
         "image", None, "Source image path (repeat for N images). Default: an embedded photograph.", flag_values=fv
     )
-    flags.DEFINE_string("method", "rotnet", "Self-supervised method: rotnet, deepcluster or bigan.", flag_values=fv)
+    flags.DEFINE_string("method", "rotnet", _methods_help(), flag_values=fv)
     flags.DEFINE_integer("image_size", 64, "Patch side in pixels.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "Global batch size.", flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Epochs.", flag_values=fv)
@@ -291,7 +300,7 @@ def _serve(fv: flags.FlagValues) -> int:
 # ---------------------------------------------------------------------------------------------------------- tune
 def _tune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("image", None, "Source image path (repeat for N). Default: embedded photo.", flag_values=fv)
-    flags.DEFINE_string("method", "rotnet", "Self-supervised method.", flag_values=fv)
+    flags.DEFINE_string("method", "rotnet", _methods_help(), flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "Labelled set to score on (its validation split).", flag_values=fv)
     flags.DEFINE_string("objective", "conv2", "Probe layer to maximise, or 'mean:conv1,conv2'.", flag_values=fv)
     flags.DEFINE_enum("algorithm", "bayesian", ["bayesian", "hyperband", "random"], "Search algorithm.", flag_values=fv)

@@ -1,7 +1,7 @@
 """One Keras ``fit`` loop for every method: callbacks, atomic checkpoints, resume, divergence guard.
 
 With an ``output_dir`` the run is resumable: rerunning with the same directory continues after the last completed
-epoch (``keras.callbacks.BackupAndRestore`` state in ``output_dir/backup``). Each completed epoch appends a row to
+epoch (`TrainingBackup`'s state in ``output_dir/backup``). Each completed epoch appends a row to
 ``history.csv``, replaces ``model.keras`` atomically and redraws ``conv1_filters.png``; TensorBoard logs go to
 ``output_dir/logs``. A non-finite loss stops training and raises `NonFiniteLossError`, leaving the last good
 checkpoint in place.
@@ -16,8 +16,8 @@ the chief's ``backup/``, which must therefore be on storage all workers share.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
-import hashlib
 import io
 import json
 import math
@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_oneimage import distribute
+from keras_oneimage import distribute, files
 from keras_oneimage.errors import InputError, NonFiniteLossError
 
 BACKUP_DIR = "backup"
@@ -143,60 +143,110 @@ class _SyncStatistics(keras.callbacks.Callback):
         self._sync()
 
 
-class _GuardedBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged epoch; its restore is triggered by `_RestoreFirst`.
+@dataclasses.dataclass(frozen=True)
+class BackupFiles:
+    """The files of a backup directory: the latest (weights, metadata) pair and the previous one (``*.bkp``).
 
-    Restores from ``backup_dir`` and backs up into ``write_dir`` (default: the same). On a multi-worker run every
-    worker restores from the chief's ``backup_dir`` while only the chief writes there; the other workers write
-    into their scratch folder, and their restore never modifies the chief's files.
+    The names are those ``keras.callbacks.BackupAndRestore`` uses, so a backup written by a release that still
+    used that callback resumes. The metadata is the commit record: ``{"epoch": epochs completed, "batch": 0,
+    "weights_sha256": ...}``.
     """
 
-    _PATH_ATTRS = ("_weights_path", "_training_metadata_path", "_prev_weights_path", "_prev_training_metadata_path")
+    directory: str
+
+    @property
+    def weights(self) -> str:
+        return os.path.join(self.directory, "latest.weights.h5")
+
+    @property
+    def metadata(self) -> str:
+        return os.path.join(self.directory, "training_metadata.json")
+
+    @property
+    def prev_weights(self) -> str:
+        return f"{self.weights}.bkp"
+
+    @property
+    def prev_metadata(self) -> str:
+        return f"{self.metadata}.bkp"
+
+    def committed_epoch(self) -> int:
+        """Epochs of the state a restore loads: the latest committed pair, else the previous one (0: none)."""
+        for weights, metadata, prev in ((self.weights, self.metadata, self.prev_metadata),
+                                        (self.prev_weights, self.prev_metadata, None)):
+            try:
+                return max(0, committed_epoch(weights, metadata, prev) or 0)
+            except OSError:
+                continue
+        return 0  # nothing usable: the restore stops the run with its own message
+
+
+class TrainingBackup(keras.callbacks.Callback):
+    """Kill-safe resume state: after every good epoch, the weights (with the optimizer's state) and the epoch.
+
+    `restore` runs before ``fit`` (which is then given ``initial_epoch``), so every callback sees the restored model.
+    Restores from ``backup_dir`` and backs up into ``write_dir`` (default: the same). On a multi-worker run every
+    worker restores from the chief's ``backup_dir`` while only the chief writes there; the other workers write
+    into their scratch folder, and their restore never modifies the chief's files. A diverged epoch (``guard``)
+    is never backed up.
+    """
 
     def __init__(self, backup_dir: str, guard: NonFiniteGuard, write_dir: str | None = None):
-        # delete_checkpoint=False: a finished run can be extended by rerunning with more epochs.
-        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
-        missing = [a for a in self._PATH_ATTRS if not hasattr(self, a)]
-        if missing:  # a Keras release renamed BackupAndRestore's internals: fail loudly, not silently
-            raise RuntimeError(f"keras.callbacks.BackupAndRestore has no {missing}; update _GuardedBackup")
+        super().__init__()
         self.guard = guard
-        self.read_dir = str(backup_dir)
-        self.write_dir = str(write_dir or backup_dir)
-        self._use(self.write_dir)
+        self.read = BackupFiles(str(backup_dir))
+        self.write = BackupFiles(str(write_dir or backup_dir))
 
-    def _use(self, directory: str) -> None:
-        reference = keras.callbacks.BackupAndRestore(directory)
-        self.backup_dir = directory
-        for attr in self._PATH_ATTRS:
-            setattr(self, attr, getattr(reference, attr))
+    @property
+    def read_dir(self) -> str:
+        return self.read.directory
 
-    def on_train_begin(self, logs=None):  # restored earlier, by _RestoreFirst
-        pass
-
-    def _load_model(self):
-        """Keras's restore, made strict: only a committed (weights, metadata) pair loads (`committed_epoch`).
+    def _load(self, weights: str, metadata: str, prev_metadata: str | None) -> int:
+        """Load a committed (weights, metadata) pair (`committed_epoch`); return its epoch (0: nothing committed).
 
         A damaged pair raises OSError, so the caller falls back to the previous state instead of resuming a later
         epoch's weights, or fresh ones, under an earlier epoch number.
         """
-        if committed_epoch(self._weights_path, self._training_metadata_path,
-                           self._prev_training_metadata_path) is None:
-            return  # nothing committed: a fresh start
+        epoch = committed_epoch(weights, metadata, prev_metadata)
+        if epoch is None:
+            return 0  # a fresh start
         # Keras warns (on stderr) about every mismatched object before it gives up on a backup of another model;
         # a refused resume must print its one line only, so the warnings are replayed only when the load succeeds.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                super()._load_model()
+                if self.model.optimizer is not None and not self.model.optimizer.built:
+                    self.model.optimizer.build(self.model.trainable_variables)  # its slots are in the file
+                self.model.load_weights(weights)
             except OSError:
                 raise
             except Exception as exc:  # noqa: BLE001 - h5py/Keras raise several types for unreadable weight files
-                raise OSError(f"cannot load {self._weights_path} ({type(exc).__name__}: {exc})") from None
+                raise OSError(f"cannot load {weights} ({type(exc).__name__}: {exc})") from None
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return epoch
 
-    def _save_model(self):
-        """Keras's backup, made atomic: a kill at any instant leaves a loadable (weights, metadata) pair.
+    def restore(self) -> int:
+        """Load the latest committed state (else the previous one); return the epoch training resumes at."""
+        files_ = self.read
+        try:
+            return self._load(files_.weights, files_.metadata, files_.prev_metadata)
+        except OSError:
+            if not os.path.exists(files_.prev_weights):
+                raise
+        if self.read == self.write:  # repair the latest state from the previous one, then load it
+            _copy_atomic(files_.prev_weights, files_.weights)
+            if os.path.exists(files_.prev_metadata):
+                _copy_atomic(files_.prev_metadata, files_.metadata)
+            elif os.path.exists(files_.metadata):
+                os.remove(files_.metadata)
+            return self._load(files_.weights, files_.metadata, files_.prev_metadata)
+        # The chief's latest state is unreadable: load its previous one, read-only.
+        return self._load(files_.prev_weights, files_.prev_metadata, None)
+
+    def save(self, epoch: int) -> None:
+        """Back up the model as having completed ``epoch`` epochs, atomically: a kill at any instant leaves a
+        loadable (weights, metadata) pair.
 
         The new weights go to a temporary file; the current pair is copied (each file atomically) to ``*.bkp``;
         then the weights and last the metadata, which records the weights' sha256, are renamed into place.
@@ -205,11 +255,12 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
         disk fails half-way and leaves HDF5 holding a broken open file, which crashed the interpreter at exit
         (SIGSEGV). Here a full disk is an ordinary OSError at the write, and free space is checked first.
         """
-        os.makedirs(self.backup_dir, exist_ok=True)
-        pending = os.path.join(self.backup_dir, ".pending.weights.h5")
+        out = self.write
+        os.makedirs(out.directory, exist_ok=True)
+        pending = os.path.join(out.directory, ".pending.weights.h5")
         data = weights_h5_bytes(self.model)
-        copies = len(data) if self.double_checkpoint and os.path.exists(self._weights_path) else 0
-        ensure_free_space(self.backup_dir, len(data) + copies, "the backup")
+        copies = len(data) if os.path.exists(out.weights) else 0
+        ensure_free_space(out.directory, len(data) + copies, "the backup")
         try:
             _write_bytes(pending, data)
         except BaseException as exc:
@@ -218,46 +269,25 @@ class _GuardedBackup(keras.callbacks.BackupAndRestore):
             if isinstance(exc, OSError) and not exc.filename:  # file.write() names no file: say which one
                 raise OSError(exc.errno, exc.strerror, pending) from exc
             raise
-        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                 "weights_sha256": hashlib.sha256(data).hexdigest()}
-        if self.double_checkpoint and os.path.exists(self._training_metadata_path) \
-                and os.path.exists(self._weights_path):
-            _copy_atomic(self._weights_path, self._prev_weights_path)
-            _copy_atomic(self._training_metadata_path, self._prev_training_metadata_path)
-        os.replace(pending, self._weights_path)
-        _write_atomic(pathlib.Path(self._training_metadata_path), json.dumps(state))
-
-    def restore(self, logs=None):
-        if self.read_dir == self.write_dir:
-            super().on_train_begin(logs)  # may repair a corrupt latest state from the previous one
-            return
-        self._use(self.read_dir)
-        try:
-            try:
-                self._load_model()
-            except OSError:
-                if not os.path.exists(self._prev_weights_path):
-                    raise
-                # The chief's latest state is unreadable: load its previous one, read-only.
-                self._weights_path = self._prev_weights_path
-                self._training_metadata_path = self._prev_training_metadata_path
-                self._load_model()
-        finally:
-            self._use(self.write_dir)
+        if os.path.exists(out.metadata) and os.path.exists(out.weights):
+            _copy_atomic(out.weights, out.prev_weights)
+            _copy_atomic(out.metadata, out.prev_metadata)
+        os.replace(pending, out.weights)
+        files.write_json_atomic(out.metadata, {"epoch": int(epoch), "batch": 0,
+                                               "weights_sha256": files.bytes_sha256(data)})
 
     def peek(self) -> tuple[float, float]:
         """(1 if backed-up weights exist else 0, the recorded epoch or -1) of ``backup_dir``, without loading."""
-        reference = keras.callbacks.BackupAndRestore(self.read_dir)
         try:
-            with open(reference._training_metadata_path) as f:
+            with open(self.read.metadata) as f:
                 epoch = float(json.loads(f.read())["epoch"])
         except (OSError, ValueError, KeyError, TypeError):
             epoch = -1.0
-        return float(os.path.exists(reference._weights_path)), epoch
+        return float(os.path.exists(self.read.weights)), epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.failure is None:
-            super().on_epoch_end(epoch, logs)
+            self.save(epoch + 1)
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -305,7 +335,7 @@ def committed_epoch(weights: str, metadata: str, prev_metadata: str | None = Non
     if not os.path.exists(weights):
         raise OSError(f"{weights} is missing")
     expected = recorded.get("weights_sha256")
-    if expected is not None and _file_sha256(weights) != expected:
+    if expected is not None and files.file_sha256(weights) != expected:
         raise OSError(f"{weights} does not match {metadata} (an interrupted backup)")
     return epoch
 
@@ -319,70 +349,37 @@ def completed_epochs(output_dir: str | os.PathLike | None) -> int:
     """
     if output_dir is None:
         return 0
-    paths = keras.callbacks.BackupAndRestore(str(pathlib.Path(output_dir) / BACKUP_DIR))
-    for weights, metadata, prev in (
-        (paths._weights_path, paths._training_metadata_path, paths._prev_training_metadata_path),
-        (paths._prev_weights_path, paths._prev_training_metadata_path, None),
-    ):
-        try:
-            return max(0, committed_epoch(weights, metadata, prev) or 0)
-        except OSError:
-            continue
-    return 0  # nothing usable: the restore stops the run with its own message
+    return BackupFiles(str(pathlib.Path(output_dir) / BACKUP_DIR)).committed_epoch()
 
 
 def _weights_fingerprint(model: keras.Model) -> float:
     return float(sum(np.sum(np.asarray(w, dtype=np.float64)) for w in model.get_weights()))
 
 
-class _RestoreFirst(keras.callbacks.Callback):
-    """First in the list: restore weights/epoch before any other callback's ``on_train_begin`` sees the model.
+def restore_backup(backup: TrainingBackup, model: keras.Model, strategy: tf.distribute.Strategy | None = None) -> int:
+    """Restore ``model`` from ``backup`` before training; return the epoch training resumes at.
 
-    On a multi-worker run it then checks (a collective, on every worker) that all workers restored the same
-    epoch and weights, which fails when ``output_dir`` is not on storage every worker sees.
+    On a multi-worker run it then checks (a collective, on every worker) that all workers restored the same epoch
+    and weights, which fails when ``output_dir`` is not on storage every worker sees.
     """
-
-    def __init__(self, backup: _GuardedBackup, strategy: tf.distribute.Strategy | None = None, on_restored=None):
-        super().__init__()
-        self.backup = backup
-        self.strategy = strategy
-        self.on_restored = on_restored
-
-    def set_model(self, model):
-        super().set_model(model)
-        self.backup.set_model(model)
-
-    def on_train_begin(self, logs=None):
-        multi_worker = self.strategy is not None and distribute.is_multi_worker(self.strategy)
-        # Loading can create variables, a collective under MultiWorkerMirroredStrategy: first make sure every
-        # worker sees the same backup, so that all of them load it or none does.
-        if multi_worker and not distribute.workers_agree(self.backup.peek(), self.strategy):
-            raise InputError(self._disagree_message())
-        try:
-            self.backup.restore(logs)
-        except OSError as exc:  # neither the latest nor the previous backed-up state loads
-            raise InputError(
-                f"cannot resume from {self.backup.read_dir}: {exc}; delete that folder (or use another output_dir) "
-                "to start the run again"
-            ) from None
-        if self.on_restored is not None:
-            self.on_restored()
-        if multi_worker:
-            epoch = getattr(self.model, "_initial_epoch", None) or 0
-            if not distribute.workers_agree([epoch, _weights_fingerprint(self.model)], self.strategy):
-                raise InputError(self._disagree_message())
-
-    def _disagree_message(self) -> str:
-        return (f"the workers see different training states in {self.backup.read_dir}; on a multi-worker run "
+    backup.set_model(model)
+    multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
+    disagree = (f"the workers see different training states in {backup.read_dir}; on a multi-worker run "
                 "output_dir must be on storage all workers share")
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    # Loading can create variables, a collective under MultiWorkerMirroredStrategy: first make sure every worker
+    # sees the same backup, so that all of them load it or none does.
+    if multi_worker and not distribute.workers_agree(backup.peek(), strategy):
+        raise InputError(disagree)
+    try:
+        epoch = backup.restore()
+    except OSError as exc:  # neither the latest nor the previous backed-up state loads
+        raise InputError(
+            f"cannot resume from {backup.read_dir}: {exc}; delete that folder (or use another output_dir) to start "
+            "the run again"
+        ) from None
+    if multi_worker and not distribute.workers_agree([epoch, _weights_fingerprint(model)], strategy):
+        raise InputError(disagree)
+    return epoch
 
 
 def _copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -405,8 +402,7 @@ def weights_h5_bytes(model: keras.Model) -> bytes:
     """The bytes ``model.save_weights("x.weights.h5")`` would write, produced in memory (h5py never touches disk).
 
     Uses Keras's own writer (``saving_lib.H5IOStore`` on a ``BytesIO``, as ``save_weights`` does on a path). A
-    Keras release that moved it fails here with an ImportError/AttributeError, loudly, like `_GuardedBackup`'s
-    own check of Keras internals.
+    Keras release that moved it fails here with an ImportError/AttributeError, loudly.
     """
     from keras.src.saving import saving_lib
 
@@ -636,7 +632,7 @@ class _FreeSpaceCheck(keras.callbacks.Callback):
                 return estimate
 
         model_bytes = size(self.output_dir / CHECKPOINT)
-        latest = pathlib.Path(self.backup_dir) / "latest.weights.h5"  # keras.callbacks.BackupAndRestore's name
+        latest = pathlib.Path(BackupFiles(self.backup_dir).weights)
         backup_bytes = size(latest)
         # model.keras goes through a temporary file beside the old one; the backup writes its new weights and
         # copies the previous ones to *.bkp before renaming; the first epoch adds both files to the disk.
@@ -655,7 +651,7 @@ class _FreeSpaceCheck(keras.callbacks.Callback):
 
 
 def _ensure_built(model: keras.Model, dataset) -> None:
-    """Create every weight before `fit` (BackupAndRestore loads into a built model) with one zero-batch call."""
+    """Create every weight before `fit` (the backup loads into a built model) with one zero-batch call."""
     if model.built:
         return
     spec = getattr(dataset, "element_spec", None)
@@ -720,7 +716,7 @@ def run_training(
         _ensure_built(method_model, dataset)
         # Create the optimizer's slots now, on every worker alike: under MultiWorkerMirroredStrategy creating a
         # variable is a collective (worker 0 broadcasts the initial value), so it must not happen only where a
-        # backup is restored (BackupAndRestore builds the optimizer when it loads one).
+        # backup is restored (the restore builds the optimizer when it loads one).
         if method_model.optimizer is not None and not method_model.optimizer.built:
             method_model.optimizer.build(method_model.trainable_variables)
 
@@ -730,7 +726,7 @@ def run_training(
     guard = NonFiniteGuard(strategy)
     head: list[keras.callbacks.Callback] = []
     tail: list[keras.callbacks.Callback] = []
-    out = scratch = None
+    out = scratch = backup = None
     if output_dir is not None:
         out = pathlib.Path(output_dir)
         # Multi-worker: only the chief writes into output_dir; the others write the same files into their
@@ -743,9 +739,7 @@ def run_training(
             where.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create output_dir {str(where)!r}: {exc.strerror or exc}") from None
-        backup = _GuardedBackup(str(out / BACKUP_DIR), guard, write_dir=str(where / BACKUP_DIR))
-        # Stale temporaries are deleted only once the restore succeeded: a refused run leaves the directory as it was.
-        head.append(_RestoreFirst(backup, strategy, on_restored=lambda: _remove_stale_temporaries(where)))
+        backup = TrainingBackup(str(out / BACKUP_DIR), guard, write_dir=str(where / BACKUP_DIR))
         tail += [
             _FreeSpaceCheck(where, str(where / BACKUP_DIR), guard),  # before any of the epoch's files is written
             HistoryCSV(where / HISTORY_CSV, guard),
@@ -759,8 +753,17 @@ def run_training(
     all_callbacks = [*head, guard, *(callbacks or []), *method_cbs, *tail]
 
     try:
+        initial_epoch = 0
+        if backup is not None:
+            # Restored before fit, so that every callback's on_train_begin sees the restored model.
+            with strategy.scope():
+                initial_epoch = restore_backup(backup, method_model, strategy)
+            # Stale temporaries are deleted only once the restore succeeded: a refused run leaves the directory as
+            # it was.
+            _remove_stale_temporaries(where)
         history = method_model.fit(
             dataset,
+            initial_epoch=initial_epoch,
             epochs=int(epochs),
             steps_per_epoch=int(steps_per_epoch),
             callbacks=all_callbacks,
@@ -780,9 +783,6 @@ def run_training(
             "can write there",
         ) from exc
     finally:
-        # BackupAndRestore leaves the resumed epoch on the model; a later fit() of the same model must not inherit it.
-        if getattr(method_model, "_initial_epoch", None) is not None:
-            method_model._initial_epoch = None
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         if vector_logs:

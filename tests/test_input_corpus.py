@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from keras_oneimage import api, cli
+from keras_oneimage import tuning as tuning_module
 from keras_oneimage.data.images import load_image
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import registry
@@ -585,8 +586,7 @@ TUNE_CASES = [
 
 @pytest.fixture
 def tuning(artefacts, corpus):
-    module = pytest.importorskip("keras_oneimage.tuning")
-    return module, {**artefacts, "text_as_jpg": corpus["text_as_jpg"][0]}
+    return tuning_module, {**artefacts, "text_as_jpg": corpus["text_as_jpg"][0]}
 
 
 def _tune_defaults(good_image, artefacts, tmp_path):
@@ -776,10 +776,9 @@ def test_non_finite_learning_rates_are_refused_everywhere(trained, artefacts, go
     with pytest.raises(InputError) as info:
         finetune(str(trained), artefacts["dataset"], epochs=1, learning_rate=rate)
     assert_api_error(info, "learning_rate must be a finite")
-    tuning = pytest.importorskip("keras_oneimage.tuning")
     kwargs = _tune_defaults(good_image, artefacts, tmp_path)
     with pytest.raises(InputError) as info:
-        tuning.tune(kwargs.pop("image"), **kwargs, probe_learning_rate=rate)
+        tuning_module.tune(kwargs.pop("image"), **kwargs, probe_learning_rate=rate)
     assert_api_error(info, "probe_learning_rate must be a")
 
 

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from keras_oneimage import tuning
+from keras_oneimage import trainer, tuning
 from keras_oneimage.data.augment import AugmentConfig
 from keras_oneimage.data.labelled import from_arrays
 from keras_oneimage.errors import InputError
@@ -174,7 +174,7 @@ def stubbed(monkeypatch):
         calls.probe.append({"split": split, "layers": tuple(layers), "data": data, "scores": scores})
         return scores
 
-    monkeypatch.setattr(tuning, "train_method", fake_train)
+    monkeypatch.setattr(trainer, "train_method", fake_train)
     monkeypatch.setattr(linear, "probe", fake_probe)  # what probe_val calls
     return calls
 
@@ -296,17 +296,17 @@ def test_rerun_extends_resumes_and_refuses_other_settings(tmp_path, toy_data, sm
 
 def test_interrupted_trial_is_rerun_on_resume(tmp_path, toy_data, small_image, stubbed, monkeypatch):
     args = dict(TINY, dataset=toy_data, algorithm="random", directory=tmp_path, project_name="p", max_trials=2)
-    real_train = tuning.train_method
+    real_train = trainer.train_method
 
     def interrupted(*a, **k):
         if len(stubbed.train) == 1:  # the second trial dies mid-training (Ctrl-C, a killed job)
             raise KeyboardInterrupt
         return real_train(*a, **k)
 
-    monkeypatch.setattr(tuning, "train_method", interrupted)
+    monkeypatch.setattr(trainer, "train_method", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tuning.tune(small_image, **args)
-    monkeypatch.setattr(tuning, "train_method", real_train)
+    monkeypatch.setattr(trainer, "train_method", real_train)
     resumed = tuning.tune(small_image, **args)
     assert resumed.trained == ["1"]  # trial 0 kept, trial 1 retried
     assert [t["status"] for t in resumed.trials] == ["COMPLETED", "COMPLETED"]

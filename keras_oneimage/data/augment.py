@@ -1,4 +1,7 @@
-"""Augmentation settings and the batched patch sampler (one inverse affine map per patch, no per-patch loop).
+"""The batched patch sampler (one inverse affine map per patch, no per-patch loop) that renders a recipe.
+
+The recipe itself, :class:`AugmentConfig` and each setting's valid range (``RANGES``), lives in
+:mod:`keras_oneimage.data.recipe` (no TensorFlow) and is re-exported here.
 
 The paper (§3, "Data augmentation") builds its training set by taking random crops of a single image down to
 a fraction β of its area with aspect ratios in [γ, 1/γ] (RandomResizedCrop), random rotations, flips and
@@ -15,7 +18,6 @@ textures continuous instead of smearing edge pixels or filling black.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -23,91 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_oneimage.data import pyramid as pyramid_lib
+from keras_oneimage.data.recipe import RANGES, AugmentConfig, Range  # noqa: F401  (their home is recipe.py)
 from keras_oneimage.errors import InputError
 
 ALG = "philox"  # the default "auto_select" is ~35x slower under XLA on CPU
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """How patches are cut from the source image(s); defaults follow Asano et al. (ICLR 2020).
-
-    Attributes:
-      min_area: β, smallest crop as a fraction of the source area, §3 ("down to 1e-4 of the image"); never
-        below one source pixel.
-      max_area: largest crop fraction (1 = whole image, §3).
-      aspect: γ, crop aspect ratios (width/height) are log-uniform in [γ, 1/γ], §3 (γ = 3/4).
-      max_rotation: degrees; angles are uniform in ±max_rotation (§3 uses random rotations, ±35° here).
-      flip_prob: probability of a horizontal flip (§3, 0.5).
-      color: std of the random 3x3 colour matrix around the identity (§3 colour jitter).
-      brightness: additive brightness offset, uniform in ±brightness (§3 colour jitter).
-      contrast: contrast factor, uniform in [1 - contrast, 1 + contrast] (§3 colour jitter).
-      noise_std: gaussian pixel noise; each patch draws its std uniformly in [0, noise_std] (off by default).
-      blur_sigma: gaussian blur in output pixels; each patch draws sigma uniformly in [0, blur_sigma] (off).
-    """
-
-    min_area: float = 1e-4
-    max_area: float = 1.0
-    aspect: float = 3 / 4
-    max_rotation: float = 35.0
-    flip_prob: float = 0.5
-    color: float = 0.1
-    brightness: float = 0.2
-    contrast: float = 0.2
-    noise_std: float = 0.0
-    blur_sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise InputError(f"AugmentConfig.{field.name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise InputError(f"AugmentConfig.{field.name} must be finite, got {value!r}")
-            object.__setattr__(self, field.name, float(value))
-        checks = [
-            (0 < self.min_area <= 1, "min_area (β) must be in (0, 1]"),
-            (0 < self.max_area <= 1, "max_area must be in (0, 1]"),
-            (self.min_area <= self.max_area, "min_area (β) must not exceed max_area"),
-            (0 < self.aspect <= 1, "aspect (γ) must be in (0, 1]; ratios are drawn from [γ, 1/γ]"),
-            (0 <= self.max_rotation <= 180, "max_rotation must be in [0, 180] degrees"),
-            (0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]"),
-            (self.color >= 0, "color must be >= 0"),
-            (0 <= self.brightness <= 1, "brightness must be in [0, 1]"),
-            (0 <= self.contrast <= 1, "contrast must be in [0, 1]"),
-            (self.noise_std >= 0, "noise_std must be >= 0"),
-            (0 <= self.blur_sigma <= 8, "blur_sigma must be in [0, 8] output pixels"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(f"bad AugmentConfig: {message} (got {self})")
-
-    def scaled(self, strength: float) -> "AugmentConfig":
-        """The same recipe at another strength: 0 = the whole image, unaugmented; 1 = these settings.
-
-        Areas and aspect limits scale geometrically (``min_area ** strength`` relative to ``max_area``,
-        ``aspect ** strength``), the others linearly; results are clamped to valid ranges, and the flip
-        probability never rises above ``max(flip_prob, 0.5)``.
-        """
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-                or strength < 0:
-            raise InputError(f"augmentation strength must be a finite number >= 0, got {strength!r}")
-        s = float(strength)
-        max_area = self.max_area ** min(s, 1.0)
-        min_area = max(max_area * (self.min_area / self.max_area) ** s, 1e-12)
-        return dataclasses.replace(
-            self,
-            min_area=min(min_area, max_area),
-            max_area=max_area,
-            aspect=self.aspect ** s,
-            max_rotation=min(self.max_rotation * s, 180.0),
-            flip_prob=min(self.flip_prob * s, max(self.flip_prob, 0.5)),
-            color=self.color * s,
-            brightness=min(self.brightness * s, 1.0),
-            contrast=min(self.contrast * s, 1.0),
-            noise_std=self.noise_std * s,
-            blur_sigma=min(self.blur_sigma * s, 8.0),
-        )
 
 
 _UNIFORMS = ("source", "area", "aspect", "cx", "cy", "angle", "flip", "bright", "contrast", "blur", "noise")
