@@ -16,7 +16,9 @@ Writes ``experiments/figures/inversion.png`` and ``experiments/results/inversion
 figure between the ``inversion`` markers of ``experiments/RESULTS.md`` (``--results_md ''`` skips that).
 
     python experiments/inversion_figure.py                                   # train RotNet here (minutes)
-    python experiments/inversion_figure.py --single_image runs/rotnet_a --supervised ~/.cache/keras_oneimage/supervised/cifar32_seed0
+    python experiments/inversion_figure.py --single_image runs/rotnet_a \
+        --supervised ~/.cache/keras_oneimage/supervised/cifar32_seed0
+    python experiments/inversion_figure.py --report                          # RESULTS.md from the saved JSON
     python experiments/inversion_figure.py --quick --out_dir /tmp/inv        # smoke test
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=str(HERE / "outputs" / "inversion"), help="the RotNet trained here")
     p.add_argument("--results_md", default=str(HERE / "RESULTS.md"), help="'' to leave RESULTS.md alone")
     p.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
+    p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from the saved JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.train_steps, args.steps, args.size = 4, 10, 32
@@ -114,7 +117,9 @@ def supervised_trunk(args: argparse.Namespace):
         if loaded is None:
             return None
         trunk, record = loaded
-        return trunk, f"supervised on CIFAR-10 ({record['epochs_run']} epochs, test {100 * record['test_accuracy']:.1f}%)"
+        accuracy = record.get("test_accuracy")
+        tested = f", test {100 * accuracy:.1f}%" if accuracy is not None else ""
+        return trunk, f"supervised on CIFAR-10 ({record['epochs_run']} epochs{tested})"
     return load_trunk(path)
 
 
@@ -167,6 +172,10 @@ def section(result: dict, figure_link: str) -> str:
         cells = [f"{entry['records'][k]['psnr']:.1f}" for k in LAYERS]
         cells += [f"{entry['records'][k]['feature_loss']:.2g}" for k in LAYERS]
         lines.append(f"| {TITLES[trunk]}: {entry['description']} | " + " | ".join(cells) + " |")
+    made = result["trunks"]["single_image"].get("made", {})
+    if made.get("image") == result["image"]:
+        lines += ["", "The single-image trunk was trained on patches of this same image (the paper's setting); "
+                  "`--train_image` trains it on another."]
     if result["trunks"].get("supervised") is None:
         lines += ["", f"No supervised trunk was available: `{SUPERVISED_HOWTO}` makes one, then rerun this script."]
     lines += ["", f"Command: `{result['command']}` ({result['seconds']:.0f} s on {result['machine']}).", "",
@@ -174,8 +183,26 @@ def section(result: dict, figure_link: str) -> str:
     return "\n".join(lines)
 
 
+def write_section(result: dict, figure: pathlib.Path, results_md: pathlib.Path) -> None:
+    """Put the section between the ``inversion`` markers of ``results_md`` (replacing an earlier one)."""
+    import collect_results
+
+    text = results_md.read_text() if results_md.exists() else "# Results\n"
+    block = section(result, os.path.relpath(figure, results_md.parent))
+    results_md.write_text(collect_results.insert(text, "inversion", block))
+    print(f"section 'inversion' written to {results_md}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    out_dir = pathlib.Path(args.out_dir)
+    figure = out_dir / "figures" / "inversion.png"
+    json_path = out_dir / "results" / "inversion.json"
+    if args.report:
+        result = json.loads(json_path.read_text())
+        if args.results_md:
+            write_section(result, figure, pathlib.Path(args.results_md))
+        return result
     import numpy as np
 
     from keras_oneimage.applications.inversion import invert_features, psnr, random_trunk, square_image
@@ -203,8 +230,6 @@ def main(argv=None) -> dict:
             print(f"[{name}] {layer}: PSNR {record.psnr:.2f} dB, feature loss {record.initial_feature_loss:.3g} -> "
                   f"{record.feature_loss:.3g}", flush=True)
 
-    out_dir = pathlib.Path(args.out_dir)
-    figure = out_dir / "figures" / "inversion.png"
     draw(target, reconstructions, records, figure)
     result = {
         "image": str(args.image), "size": args.size, "steps": args.steps, "seed": args.seed,
@@ -218,18 +243,11 @@ def main(argv=None) -> dict:
         "command": "python experiments/inversion_figure.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
     result["trunks"].setdefault("supervised", None)
-    json_path = out_dir / "results" / "inversion.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
     print(f"figure: {figure}\nresults: {json_path}")
     if args.results_md:
-        import collect_results
-
-        results_md = pathlib.Path(args.results_md)
-        link = os.path.relpath(figure, results_md.parent)
-        text = results_md.read_text() if results_md.exists() else "# Results\n"
-        results_md.write_text(collect_results.insert(text, "inversion", section(result, link)))
-        print(f"section 'inversion' written to {results_md}")
+        write_section(result, figure, pathlib.Path(args.results_md))
     return result
 
 

@@ -70,7 +70,8 @@ class InversionRecord:
 
 
 # ------------------------------------------------------------------------------------------------------ trunks
-def random_trunk(like: AlexNet | None = None, *, seed: int = 0, variant: str = "cifar", image_size: int = 32) -> AlexNet:
+def random_trunk(like: AlexNet | None = None, *, seed: int = 0, variant: str = "cifar",
+                 image_size: int = 32) -> AlexNet:
     """An untrained AlexNet: ``like``'s architecture (or ``variant`` / ``image_size``), He-normal kernels from ``seed``.
 
     The kernels are drawn by seeded initialisers, not from Keras's global generator, so building one changes no
