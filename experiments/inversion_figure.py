@@ -45,6 +45,12 @@ TITLES = {"single_image": "single image (RotNet)", "random": "random", "supervis
 SUPERVISED_HOWTO = "python experiments/supervised_reference.py --image_size 32 --epochs 8"
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the checkout when it is beside it (``../shared/...``), so records hold no home dirs."""
+    path = pathlib.Path(path).resolve()
+    return os.path.relpath(path, REPO) if REPO.parent in path.parents else str(path)
+
+
 def default_image() -> str:
     """The paper's Image A beside the checkout when present, else the package's embedded photograph."""
     if IMAGE_A.exists():
@@ -91,8 +97,8 @@ def single_image_trunk(args: argparse.Namespace):
     print(f"training RotNet on {args.train_image} for {args.train_steps} steps -> {out}", flush=True)
     start = time.monotonic()
     model = api.fit(args.train_image, method="rotnet", image_size=32, batch_size=64, epochs=1,
-                    steps_per_epoch=args.train_steps, seed=args.seed, output_dir=str(out), verbose=2)
-    made = {"trained_here": True, "method": "rotnet", "image": str(args.train_image), "image_size": 32,
+                    steps_per_epoch=args.train_steps, seed=args.seed, output_dir=str(out), verbose=1)
+    made = {"trained_here": True, "method": "rotnet", "image": shown_path(args.train_image), "image_size": 32,
             "batch_size": 64, "steps": args.train_steps, "seconds": round(time.monotonic() - start, 1)}
     trunk, _ = load_trunk(model)
     return trunk, f"RotNet, {args.train_steps} steps on {pathlib.Path(args.train_image).name}", made
@@ -172,13 +178,25 @@ def section(result: dict, figure_link: str) -> str:
         cells = [f"{entry['records'][k]['psnr']:.1f}" for k in LAYERS]
         cells += [f"{entry['records'][k]['feature_loss']:.2g}" for k in LAYERS]
         lines.append(f"| {TITLES[trunk]}: {entry['description']} | " + " | ".join(cells) + " |")
+    available = [result["trunks"][t]["records"] for t in TRUNKS if result["trunks"].get(t)]
+    if len(available) > 1:
+        gaps = {k: max(r[k]["psnr"] for r in available) - min(r[k]["psnr"] for r in available) for k in LAYERS}
+        lines += ["", "Largest PSNR difference between trunks: "
+                  + ", ".join(f"{k} {gaps[k]:.1f} dB" for k in LAYERS) + "."]
+    if min(r[k]["psnr"] for r in available for k in LAYERS) > 30:
+        lines += ["", "Every reconstruction is near-lossless (> 30 dB): the conv1 and conv2 maps hold many more numbers "
+                  "than the pixels they come from, so a random trunk keeps the image as well as a trained one, as Mahendran & Vedaldi found for AlexNet's first layers. Inversion "
+                  "at these layers shows what is kept, not what is useful: it does not separate the trunks that the "
+                  "linear probes separate."]
     made = result["trunks"]["single_image"].get("made", {})
     if made.get("image") == result["image"]:
         lines += ["", "The single-image trunk was trained on patches of this same image (the paper's setting); "
                   "`--train_image` trains it on another."]
     if result["trunks"].get("supervised") is None:
         lines += ["", f"No supervised trunk was available: `{SUPERVISED_HOWTO}` makes one, then rerun this script."]
-    lines += ["", f"Command: `{result['command']}` ({result['seconds']:.0f} s on {result['machine']}).", "",
+    trained = f", {made['seconds']:.0f} s of it training RotNet" if made.get("seconds") else ""
+    lines += ["", f"Command: `{result['command'].strip()}` ({result['seconds']:.0f} s on {result['machine']}, "
+              f"shared with other jobs{trained}).", "",
               f"![feature inversion]({figure_link})", "", "<!-- inversion:end -->"]
     return "\n".join(lines)
 
@@ -232,7 +250,7 @@ def main(argv=None) -> dict:
 
     draw(target, reconstructions, records, figure)
     result = {
-        "image": str(args.image), "size": args.size, "steps": args.steps, "seed": args.seed,
+        "image": shown_path(args.image), "size": args.size, "steps": args.steps, "seed": args.seed,
         "baselines": {"grey": psnr(np.full_like(target, 0.5), target),
                       "mean_colour": psnr(np.broadcast_to(target.mean(axis=(0, 1)), target.shape), target)},
         "trunks": {name: {"description": trunks[name][1], "records": records[name],

@@ -86,7 +86,7 @@ def random_trunk(like: AlexNet | None = None, *, seed: int = 0, variant: str = "
     trunk.build()
     for i, tap in enumerate(AlexNet.TAPS):
         kernel = getattr(trunk, tap).conv.kernel
-        # The fold-in keeps the five layers' draws independent; he_normal is the trunk's own initialiser.
+        # seed * 5 + i: one initialiser seed per (seed, layer), no two alike; he_normal is the trunk's own init.
         kernel.assign(keras.initializers.HeNormal(seed=seed * len(AlexNet.TAPS) + i)(kernel.shape))
     return trunk
 
