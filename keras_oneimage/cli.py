@@ -367,6 +367,40 @@ def _demo(fv: flags.FlagValues) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- invert
+def _invert_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("image", None, "Image to reconstruct (default: the embedded photograph).", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "The trunk: a model.keras file, a fit output_dir, or an exported model "
+                        "(version or base dir).", flag_values=fv)
+    flags.DEFINE_bool("random", False, "Invert through an untrained trunk (He-normal from --seed) instead.",
+                      flag_values=fv)
+    flags.DEFINE_string("layer", "conv2", "Tap whose features are inverted: conv1 ... conv5.", flag_values=fv)
+    flags.DEFINE_string("output", "inversion.png", "Where the reconstruction is written (PNG).", flag_values=fv)
+    flags.DEFINE_integer("steps", 300, "Gradient steps on the pixels.", flag_values=fv)
+    flags.DEFINE_integer("size", None, "Side of the square reconstruction (default: the trunk's input size; "
+                         "32 for --random).", flag_values=fv)
+    flags.DEFINE_float("tv_weight", None, "Weight of the total-variation prior (default: per layer).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the starting noise (and of a --random trunk).", flag_values=fv)
+
+
+def _invert(fv: flags.FlagValues) -> int:
+    from keras_oneimage import api
+    from keras_oneimage.applications.inversion import invert_features, save_png
+
+    if bool(fv.checkpoint) == bool(fv.random):
+        raise UsageError("give exactly one trunk: --checkpoint PATH or --random")
+    if not fv.output.lower().endswith(".png"):
+        raise UsageError(f"--output={fv.output!r}: the file name must end in .png")
+    _check_output_file("output", fv.output)
+    image, record = invert_features("random" if fv.random else fv.checkpoint, fv.image or api.default_image_path(),
+                                    fv.layer, steps=fv.steps, seed=fv.seed, size=fv.size, tv_weight=fv.tv_weight)
+    save_png(image, fv.output)
+    print(f"{fv.layer} inversion ({record.trunk}, {record.steps} steps): PSNR {record.psnr:.2f} dB, feature loss "
+          f"{record.initial_feature_loss:.3g} -> {record.feature_loss:.3g}")
+    print(fv.output)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
     "fit": ("train a self-supervised method on one image", _fit_flags, _fit),
     "probe": ("per-layer linear-probe accuracy of a trained trunk", _probe_flags, _probe),
@@ -376,6 +410,7 @@ COMMANDS: dict[str, tuple[str, Callable[[flags.FlagValues], None], Callable[[fla
     "serve": ("serve an exported model over TF Serving's REST API (and gRPC with --grpc_port)", _serve_flags, _serve),
     "tune": ("Keras Tuner search over augmentation strength, scored by probes", _tune_flags, _tune),
     "demo": ("train on one photograph and draw what was learned (make demo)", _demo_flags, _demo),
+    "invert": ("reconstruct an image from its conv1/conv2 features (feature inversion)", _invert_flags, _invert),
 }
 
 

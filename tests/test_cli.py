@@ -23,7 +23,8 @@ def test_unknown_command_exits_2(capsys):
 def test_every_command_has_help(capsys):
     for command, must_mention in {"fit": "--image_size", "probe": "--checkpoint", "export": "--layers",
                                   "serve": "--model_base_path", "tune": "--max_trials",
-                                  "finetune": "--freeze", "demo": "--steps_per_epoch"}.items():
+                                  "finetune": "--freeze", "demo": "--steps_per_epoch",
+                                  "invert": "--tv_weight"}.items():
         rc, out, _ = _run([command, "--help"], capsys)
         assert rc == 0, command
         assert must_mention.lstrip("-") in out, command
