@@ -22,6 +22,7 @@ def fit(
     augment: Any = None,
     strength: float | None = None,
     variant: str | None = None,
+    trunk: str = "alexnet",
     output_dir: str | os.PathLike | None = None,
     callbacks: Sequence[Any] | None = None,
     optimizer: Any = None,
@@ -39,14 +40,17 @@ def fit(
     Args:
       image: a path, a list of paths (N source images), a numpy array or a tensor. ``None`` uses an embedded
         default photograph (offline). Paper §3 uses a single image.
-      method: a registered method name: ``"rotnet"``, ``"deepcluster"`` or ``"bigan"``.
+      method: a registered method name: ``"rotnet"``, ``"deepcluster"``, ``"bigan"`` or ``"jigsaw"``
+        (:func:`keras_oneimage.methods.registry.available`).
       image_size: patch side in pixels (32/64 on CPU; the paper uses 224).
       batch_size: the global batch of source patches per step.
       epochs, steps_per_epoch: training length; an epoch is ``steps_per_epoch`` batches of fresh patches.
       seed: seeds the patch stream and the weights; the same seed gives the same run.
       augment: an :class:`~keras_oneimage.data.augment.AugmentConfig` (paper defaults when ``None``).
       strength: if given, scales every augmentation (``augment.scaled(strength)``); 1 = paper defaults.
-      variant: AlexNet variant, ``"cifar"`` (32/64 px) or ``"imagenet"`` (224 px); chosen from image_size if None.
+      variant: the stem, ``"cifar"`` (32/64 px) or ``"imagenet"`` (from 128 px); chosen from the trunk's input size
+        if None.
+      trunk: ``"alexnet"`` (the paper's) or ``"resnet18"`` (:func:`keras_oneimage.models.registry.available_trunks`).
       output_dir: where checkpoints (``model.keras``), TensorBoard logs, ``history.csv`` and the conv1 filter PNG
         go. Rerunning with the same ``output_dir`` resumes after the last completed epoch.
       callbacks: extra Keras callbacks (e.g. :class:`~keras_oneimage.probes.callback.ProbeCallback`).
@@ -88,7 +92,7 @@ def fit(
     run = trainer.prepare_run(
         image, method, image_size=image_size, batch_size=batch_size, epochs=epochs,
         steps_per_epoch=steps_per_epoch, seed=seed, augment=augment, strength=strength, variant=variant,
-        method_options=method_options, precision=precision, max_pixels=max_pixels,
+        method_options=method_options, precision=precision, max_pixels=max_pixels, trunk=trunk,
     )  # fmt: skip
     if strategy is not None:
         distribute_lib.per_replica_batch_size(run.batch_size, strategy)
@@ -114,7 +118,7 @@ def probe(
     model_or_checkpoint: Any,
     dataset: Any = "cifar10",
     *,
-    layers: Sequence[str] = ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    layers: Sequence[str] | None = None,
     knn: bool = False,
     max_per_class: int | None = None,
     val_fraction: float = 0.1,
@@ -124,10 +128,12 @@ def probe(
     """Per-layer linear-probe accuracy (paper §4) of a trained trunk on a labelled set.
 
     Args:
-      model_or_checkpoint: a method model, an AlexNet, a ``model.keras`` path or a `fit` output_dir.
+      model_or_checkpoint: a method model, a trunk (AlexNet, ResNet18), a ``model.keras`` path or a `fit`
+        output_dir.
       dataset: ``"cifar10"`` (local copy or TFDS), a class-folder tree with ``train/`` and ``test/``, or a
         :class:`~keras_oneimage.data.labelled.LabelledData`.
-      layers: taps to probe; all are trained in one pass over the data.
+      layers: taps to probe (``None``: every tap of the trunk, conv1-conv5 of an AlexNet); all are trained in one
+        pass over the data.
       knn: also run the cosine kNN (k=20) probe; its results are keyed ``knn_<layer>``.
       max_per_class: subsample each class (quick runs).
       **probe_options: ``epochs``, ``batch_size``, ``learning_rate``, ``split`` ("val" or "test"), ...

@@ -45,6 +45,12 @@ def _augment_from_flags(fv: flags.FlagValues):
     return AugmentConfig(**{name: getattr(fv, name) for name in AUGMENT_FLAGS if getattr(fv, name) is not None})
 
 
+def _trunk_flag(fv: flags.FlagValues) -> None:
+    # A string, checked by the training core against the trunk registry (importing it here would load TensorFlow
+    # for --help).
+    flags.DEFINE_string("trunk", "alexnet", "The trunk to train: alexnet (the paper's) or resnet18.", flag_values=fv)
+
+
 def _methods_help() -> str:
     from keras_oneimage.methods import registry  # no TensorFlow: the built-in methods are listed by name
 
@@ -77,7 +83,8 @@ def _fit_flags(fv: flags.FlagValues) -> None:
                        "the upper bound); the last epoch is saved as usual.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed (patches and weights).", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Where checkpoints and logs go (default: runs/<method>).", flag_values=fv)
-    flags.DEFINE_string("variant", None, "AlexNet variant: cifar or imagenet (default: from image_size).", flag_values=fv)
+    flags.DEFINE_string("variant", None, "Stem: cifar or imagenet (default: from the trunk's input size).", flag_values=fv)
+    _trunk_flag(fv)
     flags.DEFINE_integer("max_pixels", None, "Refuse source images with more declared pixels.", flag_values=fv)
     flags.DEFINE_enum("strategy", None, ["mirrored", "multiworker", "tpu"],
                       "tf.distribute strategy (default: one device). See docs/distributed.md.", flag_values=fv)
@@ -108,6 +115,7 @@ def _fit(fv: flags.FlagValues) -> int:
         augment=_augment_from_flags(fv),
         strength=fv.strength,
         variant=fv.variant,
+        trunk=fv.trunk,
         output_dir=output_dir,
         max_pixels=fv.max_pixels,
         strategy=fv.strategy,
@@ -124,7 +132,8 @@ def _fit(fv: flags.FlagValues) -> int:
 def _probe_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "A model.keras file or a fit output_dir.", flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "'cifar10' or a class-folder tree with train/ and test/.", flag_values=fv)
-    flags.DEFINE_string("layers", "conv1,conv2,conv3,conv4,conv5", "Comma-separated taps to probe.", flag_values=fv)
+    flags.DEFINE_string("layers", None, "Comma-separated taps to probe (default: every tap of the trunk, conv1-conv5 of "
+                        "an AlexNet, stem,stage1-stage4 of a ResNet-18).", flag_values=fv)
     flags.DEFINE_string("protocol", "cifar", "Probe protocol: 'cifar' (the trunk's input size, "
                       "taps pooled to ~9k dims), 'coarse' (~1k dims), 'paper' (the authors' 224 px protocol: fixed "
                       "pools, random-resized crops; see docs/probes.md).", flag_values=fv)
@@ -147,7 +156,7 @@ def _probe(fv: flags.FlagValues) -> int:
 
     if not fv.checkpoint:
         raise UsageError("--checkpoint is required")
-    if not _split_list(fv.layers):
+    if fv.layers is not None and not _split_list(fv.layers):
         raise UsageError("--layers must name at least one tap, e.g. --layers=conv1,conv2")
     _check_output_file("output", fv.output)  # before the probes run, not after
     options = {"epochs": fv.epochs, "batch_size": fv.batch_size, "split": fv.split, "augment": fv.augment,
@@ -157,7 +166,7 @@ def _probe(fv: flags.FlagValues) -> int:
     results = api.probe(
         fv.checkpoint,
         fv.dataset,
-        layers=_split_list(fv.layers),
+        layers=None if fv.layers is None else _split_list(fv.layers),
         knn=fv.knn,
         max_per_class=fv.max_per_class,
         seed=fv.seed,
@@ -174,7 +183,8 @@ def _probe(fv: flags.FlagValues) -> int:
 # -------------------------------------------------------------------------------------------------------- export
 def _export_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "A model.keras file or a fit output_dir.", flag_values=fv)
-    flags.DEFINE_string("layers", "conv1,conv2", "Comma-separated taps the SavedModel returns.", flag_values=fv)
+    flags.DEFINE_string("layers", None, "Comma-separated taps the SavedModel returns (default: the trunk's first two, "
+                        "conv1,conv2 of an AlexNet).", flag_values=fv)
     flags.DEFINE_string("name", None, "Model name: the export goes to <base_dir>/<name>/<version>.", flag_values=fv)
     flags.DEFINE_string("base_dir", "exported_models", "Where exported models live.", flag_values=fv)
 
@@ -189,8 +199,8 @@ def _export(fv: flags.FlagValues) -> int:
     if os.sep in fv.name or fv.name in (".", ".."):
         raise UsageError(f"--name must be a plain name, got {fv.name!r}")
     validation.utf8_path("--name", fv.name)  # before the base dir is created
-    version_dir = export(fv.checkpoint, os.path.join(fv.base_dir, fv.name), layers=_split_list(fv.layers))
-    print(f"exported {fv.layers} to {version_dir}")
+    version_dir = export(fv.checkpoint, os.path.join(fv.base_dir, fv.name), layers=None if fv.layers is None else _split_list(fv.layers))
+    print(f"exported {fv.layers or 'the first two taps'} to {version_dir}")
     return 0
 
 
@@ -313,6 +323,7 @@ def _tune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch_size", 64, "Batch size.", flag_values=fv)
     flags.DEFINE_integer("max_per_class", None, "Subsample each class of the labelled set.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    _trunk_flag(fv)
 
 
 def _tune(fv: flags.FlagValues) -> int:
@@ -336,6 +347,7 @@ def _tune(fv: flags.FlagValues) -> int:
         batch_size=fv.batch_size,
         max_per_class=fv.max_per_class,
         seed=fv.seed,
+        trunk=fv.trunk,
     )
     print(f"best hyperparameters: {result.best_hyperparameters}")
     return 0

@@ -34,7 +34,10 @@ MIN_IMAGE_SIZE = {"cifar": 16, "imagenet": 63}
 
 #: The record of a `fit` run in its output_dir; a rerun must match its identity keys (``RUN_IDENTITY``).
 RUN_JSON = "run.json"
-RUN_IDENTITY = ("method", "image_sha256", "image_size", "variant")
+RUN_IDENTITY = ("method", "image_sha256", "image_size", "variant", "trunk")
+#: What a ``run.json`` written before a key existed meant by its absence (runs before trunks were selectable
+#: trained an AlexNet), so those runs still resume.
+RUN_IDENTITY_DEFAULTS = {"trunk": "alexnet"}
 
 
 # ------------------------------------------------------------------------------------------------ source images
@@ -77,16 +80,22 @@ def augment_config(augment: Any = None, strength: float | None = None) -> Augmen
 
 
 # -------------------------------------------------------------------------------------------------------- trunk
-def variant_for(image_size: int, variant: str | None, trunk_size: int | None = None) -> str:
-    """The AlexNet variant for ``image_size`` px patches (``"imagenet"`` from 128 px) and a check of its minimum.
+def variant_for(image_size: int, variant: str | None, trunk_size: int | None = None, trunk: str = "alexnet") -> str:
+    """The stem variant for ``image_size`` px patches and a check of the trunk's minimum input.
 
-    ``trunk_size`` is what the trunk sees (the method's ``trunk_input_size``; the patch itself by default).
+    ``trunk_size`` is what the trunk sees (the method's ``trunk_input_size``; the patch itself by default), and the
+    default variant follows it (``"imagenet"`` from 128 px): Jigsaw's tiles of a 128-221 px patch are too small
+    for the ImageNet stem, so they get the CIFAR one.
     """
-    if variant is None:
-        variant = "imagenet" if image_size >= 128 else "cifar"
-    if variant not in MIN_IMAGE_SIZE:
-        raise InputError(f"unknown AlexNet variant {variant!r}; choose 'cifar' or 'imagenet'")
+    from keras_oneimage.models.registry import default_variant
+
     trunk_size = image_size if trunk_size is None else trunk_size
+    if variant is None:
+        variant = default_variant(trunk_size)
+    if variant not in MIN_IMAGE_SIZE:
+        raise InputError(f"unknown {trunk} variant {variant!r}; choose 'cifar' or 'imagenet'")
+    if trunk != "alexnet":  # global pooling ends the ResNet: any input of a few pixels gives non-empty taps
+        return variant
     if trunk_size < MIN_IMAGE_SIZE[variant]:
         what = f"image_size {image_size}" if trunk_size == image_size else \
             f"the trunk input of {trunk_size} px (from image_size {image_size})"
@@ -94,18 +103,20 @@ def variant_for(image_size: int, variant: str | None, trunk_size: int | None = N
     return variant
 
 
-def build_trunk(method_cls: type, image_size: int, *, variant: str, widths: Sequence[int] | None = None):
+def build_trunk(method_cls: type, image_size: int, *, variant: str, widths: Sequence[int] | None = None,
+                trunk: str = "alexnet"):
     """The trunk ``method_cls`` trains on ``image_size`` px patches: the one place a trunk is built.
 
-    Its input size is the method's ``trunk_input_size(image_size)`` and its options the method's
-    ``backbone_options`` (DeepCluster's Sobel filter), with ``widths`` (small ones for quick runs) on top.
+    ``trunk`` names it in :mod:`keras_oneimage.models.registry` (``"alexnet"``, ``"resnet18"``). Its input size is
+    the method's ``trunk_input_size(image_size)`` and its options the method's ``backbone_options`` (DeepCluster's
+    Sobel filter), with ``widths`` (small ones for quick runs) on top.
     """
-    from keras_oneimage.models.alexnet import AlexNet
+    from keras_oneimage.models import registry
 
     options = dict(getattr(method_cls, "backbone_options", {}))
     if widths is not None:
         options["widths"] = tuple(widths)
-    return AlexNet(variant=variant, image_size=method_cls.trunk_input_size(image_size), **options)
+    return registry.build_trunk(trunk, variant=variant, image_size=method_cls.trunk_input_size(image_size), **options)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -130,6 +141,7 @@ class Run:
     widths: tuple[int, ...] | None = None
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     precision: str = "float32"
+    trunk: str = "alexnet"
 
     def context(self, output_dir: str | os.PathLike | None):
         """The :class:`~keras_oneimage.methods.base.FitContext` a method's callbacks and dataset see."""
@@ -144,7 +156,7 @@ def prepare_run(image: Any = None, method: str = "rotnet", *, image_size: int = 
                 epochs: int = 10, steps_per_epoch: int = 100, seed: int = 0, stream_seed: int | None = None,
                 augment: Any = None, strength: float | None = None, variant: str | None = None,
                 widths: Sequence[int] | None = None, method_options: Mapping[str, Any] | None = None,
-                precision: str = "float32", max_pixels: int | None = None) -> Run:
+                precision: str = "float32", max_pixels: int | None = None, trunk: str | None = None) -> Run:
     """Check every value of a run and load its source images; raises :class:`InputError` before anything is built.
 
     ``image``: anything :func:`~keras_oneimage.data.images.load_images` accepts (``None``: the default photograph).
@@ -158,8 +170,13 @@ def prepare_run(image: Any = None, method: str = "rotnet", *, image_size: int = 
     steps_per_epoch = validation.positive_int("steps_per_epoch", steps_per_epoch)
     seed = validation.seed(seed)
     stream_seed = seed if stream_seed is None else validation.seed(stream_seed, "stream_seed")
+    from keras_oneimage.models.registry import DEFAULT_TRUNK, available_trunks
+
     method_cls = registry.get(method)
-    variant = variant_for(image_size, variant, method_cls.trunk_input_size(image_size))
+    trunk = DEFAULT_TRUNK if trunk is None else str(trunk).lower()
+    if trunk not in available_trunks():
+        raise InputError(f"unknown trunk {trunk!r}; choose one of {', '.join(available_trunks())}")
+    variant = variant_for(image_size, variant, method_cls.trunk_input_size(image_size), trunk)
     if widths is not None:
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
             raise InputError(f"widths must be a sequence of positive integers, got {widths!r}")
@@ -171,7 +188,7 @@ def prepare_run(image: Any = None, method: str = "rotnet", *, image_size: int = 
     return Run(method=method_cls, images=tuple(images), image_size=image_size, batch_size=batch_size, epochs=epochs,
                steps_per_epoch=steps_per_epoch, seed=seed, stream_seed=stream_seed, augment=augment,
                variant=variant, widths=widths, method_options=dict(method_options or {}),
-               precision=resolve_precision(precision))
+               precision=resolve_precision(precision), trunk=trunk)
 
 
 def build_method(run: Run):
@@ -182,7 +199,7 @@ def build_method(run: Run):
     from keras_oneimage.precision import precision_scope
 
     with precision_scope(run.precision):
-        backbone = build_trunk(run.method, run.image_size, variant=run.variant, widths=run.widths)
+        backbone = build_trunk(run.method, run.image_size, variant=run.variant, widths=run.widths, trunk=run.trunk)
         return run.method(backbone=backbone, **run.method_options)
 
 
@@ -224,6 +241,7 @@ def run_record(run: Run, image: Any, **extra: Any) -> dict[str, Any]:
     return {
         "method": run.method.method_name, "image_size": run.image_size, "batch_size": run.batch_size,
         "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch, "seed": run.seed, "variant": run.variant,
+        "trunk": run.trunk,
         "augment": dataclasses.asdict(run.augment), "method_options": dict(run.method_options),
         "image_sha256": images_sha256(run.images), "image_source": sources, "package_version": __version__,
         "precision": run.precision, **extra,
@@ -248,7 +266,7 @@ def prepare_output_dir(output_dir: str | os.PathLike | None, record: Mapping[str
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read {run_file}: {exc}") from None
         for key in RUN_IDENTITY:
-            if previous.get(key) != record.get(key):
+            if previous.get(key, RUN_IDENTITY_DEFAULTS.get(key)) != record.get(key):
                 raise InputError(
                     f"output_dir {str(out)!r} holds a run with a different {key} "
                     f"({previous.get(key)!r} vs {record.get(key)!r}); use another output_dir to start afresh"
@@ -364,7 +382,7 @@ def train_method(images: Any, *, method: str = "rotnet", augment: Any = None, im
                  stream_seed: int | None = None, widths: Sequence[int] | None = None, variant: str | None = None,
                  output_dir: str | os.PathLike | None = None, callbacks: Sequence[Any] | None = None,
                  verbose: str | int = 0, method_options: Mapping[str, Any] | None = None,
-                 precision: str = "float32"):
+                 precision: str = "float32", trunk: str | None = None):
     """Check and train one run in one call, without a ``run.json`` (a tuning trial, a refit, an experiment).
 
     ``images``: anything :func:`~keras_oneimage.data.images.load_images` accepts (decoded arrays are cheapest).
@@ -373,5 +391,6 @@ def train_method(images: Any, *, method: str = "rotnet", augment: Any = None, im
     """
     run = prepare_run(images, method, image_size=image_size, batch_size=batch_size, epochs=epochs,
                       steps_per_epoch=steps_per_epoch, seed=seed, stream_seed=stream_seed, augment=augment,
-                      variant=variant, widths=widths, method_options=method_options, precision=precision)
+                      variant=variant, widths=widths, method_options=method_options, precision=precision,
+                      trunk=trunk)
     return train(run, output_dir=output_dir, callbacks=callbacks, verbose=verbose)

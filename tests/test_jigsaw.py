@@ -235,3 +235,11 @@ def test_fit_resume_export_and_cli(tmp_path, photo_path, capsys):
     assert (cli_out / "model.keras").is_file()
     assert cli.main([*argv[:-2], "--output_dir", str(tmp_path / "cli_small"), "--image_size", "40"]) == 2
     assert "image_size >= 57" in capsys.readouterr().err
+
+
+def test_the_default_stem_follows_the_tile_not_the_patch(photo_path):
+    from keras_oneimage import trainer
+
+    # 128-221 px patches give 36-63 px tiles: the CIFAR stem, although the patch alone would pick the ImageNet one
+    assert trainer.prepare_run(str(photo_path), "jigsaw", image_size=128).variant == "cifar"
+    assert trainer.prepare_run(str(photo_path), "rotnet", image_size=128).variant == "imagenet"

@@ -315,3 +315,20 @@ def test_checkpoint_of_a_resnet_method_loads_and_plots_its_stem(tmp_path):
                                model.backbone.features(x, layers="stage4")["stage4"].numpy(), atol=1e-5)
     mosaic = conv1_filter_mosaic(loaded)  # the stem's 3x3 filters stand in for AlexNet's conv1
     assert mosaic.ndim == 3 and mosaic.shape[-1] == 3 and float(np.std(mosaic)) > 0
+
+
+def test_fit_trains_a_resnet_trunk_and_a_rerun_must_keep_it(photo_path, tmp_path):
+    import keras_oneimage
+    from keras_oneimage import trainer
+    from keras_oneimage.errors import InputError
+
+    out = tmp_path / "run"
+    model = keras_oneimage.fit(str(photo_path), method="rotnet", trunk="resnet18", image_size=32, epochs=1,
+                               steps_per_epoch=2, batch_size=8, output_dir=out, verbose=0)
+    assert isinstance(model.backbone, ResNet18) and model.backbone.variant == "cifar"
+    assert json.loads((out / "run.json").read_text())["trunk"] == "resnet18"
+    with pytest.raises(InputError, match="trunk"):  # the folder holds a ResNet run: an AlexNet cannot resume it
+        keras_oneimage.fit(str(photo_path), method="rotnet", image_size=32, epochs=2, steps_per_epoch=2,
+                           batch_size=8, output_dir=out, verbose=0)
+    with pytest.raises(InputError, match="resnet18"):
+        trainer.prepare_run(str(photo_path), "rotnet", image_size=32, trunk="vgg16")

@@ -17,16 +17,20 @@ class ProbeObjective:
     name: str  # the Keras Tuner metric name
 
     @classmethod
-    def parse(cls, spec: str) -> "ProbeObjective":
-        from keras_oneimage.models.alexnet import AlexNet  # the trunk owns its tap names
+    def parse(cls, spec: str, taps: tuple[str, ...] | None = None) -> "ProbeObjective":
+        """``taps``: the trunk's tap names (default AlexNet's), which the trunk owns."""
+        if taps is None:
+            from keras_oneimage.models.alexnet import AlexNet
+
+            taps = AlexNet.TAPS
 
         if not isinstance(spec, str) or not spec.strip():
             raise InputError(f"objective must be a layer name or 'mean:conv1,conv2', got {spec!r}")
         text = spec.strip()
         mean = text.startswith("mean:")
         names = tuple(s.strip() for s in text[len("mean:"):].split(",") if s.strip()) if mean else (text,)
-        layers = validation.layer_names(names, AlexNet.TAPS, label=f"objective {spec!r}")
-        layers = tuple(sorted(layers, key=AlexNet.TAPS.index))
+        layers = validation.layer_names(names, taps, label=f"objective {spec!r}")
+        layers = tuple(sorted(layers, key=taps.index))
         name = f"val_mean_{'_'.join(layers)}" if mean else f"val_{layers[0]}"
         return cls(f"mean:{','.join(layers)}" if mean else layers[0], layers, name)
 

@@ -55,6 +55,7 @@ def tune(
     precision: str = "float32",
     probe_augment: bool = True,
     probe_learning_rate: float | None = None,
+    trunk: str = "alexnet",
 ) -> TuneResult:
     """Search the augmentation recipe with Keras Tuner; each trial is scored by val-split linear probes.
 
@@ -89,6 +90,8 @@ def tune(
       probe_augment: the trial probes' protocol (``False``: cached taps, the trunk runs once per image; see
         :func:`keras_oneimage.probes.probe`).
       probe_learning_rate: the trial probes' SGD rate (default: the probe module's, the paper's 0.01).
+      trunk: the trunk every trial trains (``"alexnet"`` or ``"resnet18"``); ``objective`` names its taps
+        (``"stage1"``, ... for a ResNet-18).
 
     Returns:
       A :class:`TuneResult`.
@@ -96,19 +99,21 @@ def tune(
     from keras_oneimage.data.labelled import LabelledData, load_labelled
 
     # 1. Check everything before anything is trained or written.
+    from keras_oneimage.models.registry import trunk_class
+
     search = _SearchSettings.check(
-        algorithm=algorithm, objective=objective, max_trials=max_trials, refit_epochs=refit_epochs,
+        algorithm=algorithm, objective=objective, taps=tuple(trunk_class(trunk).TAPS), max_trials=max_trials, refit_epochs=refit_epochs,
         hyperband_factor=hyperband_factor, hyperband_iterations=hyperband_iterations, verbose=verbose,
     )  # fmt: skip
     space = resolve_search_space(search_space)
     # The trials' run, checked (and its method built once) by the training core: every trial trains through it.
     run = trainer.prepare_run(image, method, image_size=image_size, batch_size=batch_size, epochs=epochs,
                               steps_per_epoch=steps_per_epoch, seed=seed, augment=augment, variant=variant,
-                              widths=widths, method_options=method_options, precision=precision)
+                              widths=widths, method_options=method_options, precision=precision, trunk=trunk)
     trainer.check_method(run)
     settings = TrialSettings(
         images=run.images, method=method, image_size=run.image_size, batch_size=run.batch_size, epochs=run.epochs,
-        steps_per_epoch=run.steps_per_epoch, seed=run.seed, widths=run.widths, variant=run.variant,
+        steps_per_epoch=run.steps_per_epoch, seed=run.seed, widths=run.widths, variant=run.variant, trunk=run.trunk,
         probe_epochs=validation.positive_int("probe_epochs", probe_epochs),
         probe_batch_size=validation.positive_int("probe_batch_size", probe_batch_size),
         method_options=dict(run.method_options), base_augment=run.augment, precision=run.precision,
@@ -179,7 +184,7 @@ class _SearchSettings:
     verbose: int
 
     @classmethod
-    def check(cls, *, algorithm, objective, max_trials, refit_epochs, hyperband_factor, hyperband_iterations,
+    def check(cls, *, algorithm, objective, taps, max_trials, refit_epochs, hyperband_factor, hyperband_iterations,
               verbose) -> "_SearchSettings":
         if algorithm not in ALGORITHMS:
             raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
@@ -190,7 +195,7 @@ class _SearchSettings:
             except ImportError:
                 raise InputError("the bayesian search needs scipy and scikit-learn (pip install "
                                  "'keras-tuner[bayesian]'); or use algorithm='random' or 'hyperband'") from None
-        probe_objective = ProbeObjective.parse(objective)
+        probe_objective = ProbeObjective.parse(objective, taps)
         if max_trials is not None:
             max_trials = validation.positive_int("max_trials", max_trials)
         elif algorithm != "hyperband":
@@ -247,6 +252,7 @@ def _record(search: _SearchSettings, settings: TrialSettings, run: trainer.Run, 
         "probe_epochs": settings.probe_epochs,
         "probe_batch_size": settings.probe_batch_size,
         **({"precision": run.precision} if run.precision != "float32" else {}),
+        **({"trunk": run.trunk} if run.trunk != "alexnet" else {}),  # projects made before trunks stay valid
         **({} if settings.probe_augment else {"probe_augment": False}),
         **({} if settings.probe_learning_rate is None else {"probe_learning_rate": settings.probe_learning_rate}),
         **({"hyperband_factor": search.hyperband_factor, "hyperband_iterations": search.hyperband_iterations}

@@ -43,6 +43,7 @@ class TrialSettings:
     precision: str = "float32"
     probe_augment: bool = True
     probe_learning_rate: float | None = None
+    trunk: str = "alexnet"
 
     def train(self, augment, *, epochs: int, seed: int | None = None, stream_seed: int | None = None,
               steps_per_epoch: int | None = None, output_dir=None, verbose: str | int = 0):
@@ -52,7 +53,7 @@ class TrialSettings:
             batch_size=self.batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch or self.steps_per_epoch,
             seed=self.seed if seed is None else seed, stream_seed=stream_seed, widths=self.widths,
             variant=self.variant, output_dir=output_dir, verbose=verbose, method_options=self.method_options,
-            precision=self.precision,
+            precision=self.precision, trunk=self.trunk,
         )  # fmt: skip
 
     def probe(self, backbone, data, layers) -> dict[str, float]:
