@@ -155,7 +155,7 @@ def test_model_keras_round_trip_reproduces_every_tap(tmp_path, variant, size, so
 
 
 def test_mixed_bfloat16_resnet_gives_float32_taps_and_float32_weights():
-    from keras_oneimage.methods.base import precision_scope
+    from keras_oneimage.precision import precision_scope
 
     with precision_scope("mixed_bfloat16"):
         model = ResNet18("cifar", 32, widths=TINY)
