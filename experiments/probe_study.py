@@ -213,6 +213,8 @@ def run(args) -> None:
                 os.replace(tmp, paths[setting])
                 print(f"[{setting} {trunk}] val conv1 {100 * scores['conv1']:.1f} conv2 {100 * scores['conv2']:.1f} "
                       f"({rate:.0f} trunk images/s, probes {record['probe_seconds']:.0f} s)", flush=True)
+            # Let go of this trunk's taps before the next pass allocates its own (at 128 px both would not fit).
+            del train, val, probes
 
 
 def report(args) -> str:
