@@ -53,6 +53,9 @@ INSTALL_HINT = "pip install keras-oneimage[scattering]"
 DEFAULT_J = 2
 DEFAULT_L = 8
 LOG_EPSILON = 1e-6  # keeps log finite where a coefficient is ~0; far below any coefficient of a natural image
+#: Images :func:`~keras_oneimage.transfer.finetune` adapts the standardisation on: 243 means and deviations are
+#: well estimated from a few thousand images (each gives (S/4)^2 positions), and it bounds the pass over CIFAR-10.
+ADAPT_IMAGES = 5000
 STD_FLOOR = 1e-6  # a channel constant over the adaptation images is left unscaled rather than divided by ~0
 
 
@@ -103,6 +106,7 @@ class ScatteringFrontEnd(keras.layers.Layer):
         # kymatio's tf.Module with its precomputed Fourier filters; not a Keras weight (rebuilt from the config).
         scattering = self._scattering_class(J=self.J, shape=(side, side), L=self.L, max_order=2)
         object.__setattr__(self, "_kymatio", scattering)  # untracked: it holds constants, no variables
+        self.input_spec_shape = (side, side, int(input_shape[-1]))
         channels = input_shape[-1] * self.paths
         self.mean = self.add_weight(name="mean", shape=(channels,), initializer="zeros", trainable=False)
         self.std = self.add_weight(name="std", shape=(channels,), initializer="ones", trainable=False)
@@ -128,11 +132,12 @@ class ScatteringFrontEnd(keras.layers.Layer):
         coefficients = tf.reshape(coefficients, (-1, channels * self.paths, side, side))
         return tf.transpose(coefficients, (0, 2, 3, 1))
 
-    def call(self, x):
+    def _unstandardised(self, x):
         s = self.scatter(x)
-        if self.log:
-            s = ops.log(ops.maximum(s, 0.0) + LOG_EPSILON)
-        return (s - self.mean) / self.std
+        return ops.log(ops.maximum(s, 0.0) + LOG_EPSILON) if self.log else s
+
+    def call(self, x):
+        return (self._unstandardised(x) - self.mean) / self.std
 
     def adapt(self, batches: Iterable[Any], max_images: int | None = None) -> int:
         """Set ``mean`` / ``std`` to the per-channel statistics of the (log-)scattering of ``batches``.
@@ -140,7 +145,10 @@ class ScatteringFrontEnd(keras.layers.Layer):
         ``batches`` yields image batches ``(B, S, S, 3)`` or ``(images, labels, ...)`` tuples (a tf.data
         pipeline works). Stops after ``max_images``. Returns the number of images used.
         """
+        import tensorflow as tf
+
         count, total, total_sq, n = 0, None, None, 0
+        scatter = None  # one traced graph for every batch: eager kymatio runs ~1000 small ops one by one
         for batch in batches:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             if max_images is not None:
@@ -149,10 +157,11 @@ class ScatteringFrontEnd(keras.layers.Layer):
                 break
             if not self.built:
                 self.build(tuple(images.shape))
-            s = self.scatter(images)
-            if self.log:
-                s = ops.log(ops.maximum(s, 0.0) + LOG_EPSILON)
-            s = np.asarray(ops.convert_to_numpy(s), np.float64).reshape(-1, s.shape[-1])
+            if scatter is None:
+                spec = tf.TensorSpec((None, *self.input_spec_shape), tf.float32)  # a short last batch: no retrace
+                scatter = tf.function(self._unstandardised, input_signature=[spec])
+            s = scatter(tf.convert_to_tensor(images, tf.float32))
+            s = np.asarray(s.numpy(), np.float64).reshape(-1, s.shape[-1])
             total = s.sum(0) if total is None else total + s.sum(0)
             total_sq = (s * s).sum(0) if total_sq is None else total_sq + (s * s).sum(0)
             n += s.shape[0]
@@ -220,12 +229,12 @@ class ScatteringAlexNet(keras.Model):
         self.pool5 = keras.layers.MaxPooling2D(3, 2, padding=self._pool_padding, name="pool5", dtype=dtype)
 
     @classmethod
-    def replacing_conv1_2(cls, trunk: AlexNet, **scattering) -> "ScatteringAlexNet":
-        """The scattering trunk for ``trunk``'s architecture (variant, image size, widths); weights are fresh.
-
-        A Sobel trunk's Sobel front end goes with its conv1-2: the scattering sees the RGB image.
-        """
-        return cls(variant=trunk.variant, image_size=trunk.image_size, widths=trunk.widths, **scattering)
+    def replacing_conv1_2(cls, trunk: AlexNet, image_size: int | None = None, **scattering) -> "ScatteringAlexNet":
+        """The scattering trunk for ``trunk``'s architecture (variant, widths) at ``image_size`` (default the
+        trunk's); all its weights are fresh. A Sobel trunk's Sobel front end goes with its conv1-2: the scattering
+        sees the RGB image."""
+        size = trunk.image_size if image_size is None else image_size
+        return cls(variant=trunk.variant, image_size=size, widths=trunk.widths, **scattering)
 
     @property
     def J(self) -> int:
@@ -296,3 +305,13 @@ class ScatteringAlexNet(keras.Model):
             "L": self.scattering.L,
             "log": self.scattering.log,
         }
+
+
+def adapt_on(trunk: ScatteringAlexNet, images, image_size: int, batch_size: int = 128) -> int:
+    """Standardise ``trunk``'s scattering on up to :data:`ADAPT_IMAGES` of a labelled ``tf.data`` split.
+
+    The images are resized to ``image_size`` as for evaluation (no augmentation). Returns the number used.
+    """
+    from keras_oneimage.probes.linear import eval_pipeline
+
+    return trunk.scattering.adapt(eval_pipeline(images, image_size, batch_size), max_images=ADAPT_IMAGES)
