@@ -75,6 +75,20 @@ def paths_per_channel(J: int, L: int) -> int:
     return 1 + J * L + L * L * J * (J - 1) // 2
 
 
+def _filters_as_tensors(scattering) -> None:
+    """Replace kymatio's NumPy Fourier filters by complex64 eager tensors, in place.
+
+    kymatio multiplies each spectrum by a float64 NumPy filter, which TensorFlow embeds into every traced graph as a
+    new constant, converting it element by element (seconds per trace for the ~100 filters); an eager tensor is
+    captured by reference instead. ``init_scope`` keeps them eager when the layer is built inside a trace.
+    """
+    import tensorflow as tf
+
+    with tf.init_scope():
+        for bank in (scattering.phi, *scattering.psi):
+            bank["levels"] = [tf.constant(np.asarray(level), dtype=tf.complex64) for level in bank["levels"]]
+
+
 @keras.saving.register_keras_serializable(package="keras_oneimage")
 class ScatteringFrontEnd(keras.layers.Layer):
     """``(B, S, S, 3)`` in ``[0, 1]`` → ``(B, S/2^J, S/2^J, 3 * paths)`` order-2 scattering, fixed.
@@ -105,6 +119,7 @@ class ScatteringFrontEnd(keras.layers.Layer):
         side = self.check_input_shape(input_shape)
         # kymatio's tf.Module with its precomputed Fourier filters; not a Keras weight (rebuilt from the config).
         scattering = self._scattering_class(J=self.J, shape=(side, side), L=self.L, max_order=2)
+        _filters_as_tensors(scattering)
         object.__setattr__(self, "_kymatio", scattering)  # untracked: it holds constants, no variables
         self.input_spec_shape = (side, side, int(input_shape[-1]))
         channels = input_shape[-1] * self.paths
@@ -128,7 +143,10 @@ class ScatteringFrontEnd(keras.layers.Layer):
 
         side = int(x.shape[1]) // 2 ** self.J
         channels = int(x.shape[-1])
-        coefficients = self._kymatio(tf.transpose(tf.cast(x, tf.float32), (0, 3, 1, 2)))  # (B, C, paths, s, s)
+        # kymatio's loops are plain Python over fixed filters: autograph would rewrite every one of its ~3000 calls
+        # into graph control flow for nothing, and tracing took ~30 s instead of ~1 s.
+        run = tf.autograph.experimental.do_not_convert(self._kymatio)
+        coefficients = run(tf.transpose(tf.cast(x, tf.float32), (0, 3, 1, 2)))  # (B, C, paths, s, s)
         coefficients = tf.reshape(coefficients, (-1, channels * self.paths, side, side))
         return tf.transpose(coefficients, (0, 2, 3, 1))
 
