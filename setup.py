@@ -35,7 +35,10 @@ setup(
         "tensorflow-serving-api>=2.16,<2.22",  # the gRPC server's protos and stubs (and grpcio); matches tensorflow
     ],
     extras_require={
-        "test": ["pytest>=8", "httpx>=0.27"],
+        # kymatio 0.3 is imported through its 2-D TensorFlow frontend only (keras_oneimage/models/scattering.py):
+        # its 3-D code needs scipy.special.sph_harm, gone from SciPy 1.15, so no SciPy pin is needed.
+        "scattering": ["kymatio>=0.3,<0.4"],
+        "test": ["pytest>=8", "httpx>=0.27", "kymatio>=0.3,<0.4"],
         "bench": ["torch==2.13.0", "faiss-cpu"],  # peers measured by experiments/bench_*.py only
     },
     entry_points={"console_scripts": ["keras-oneimage=keras_oneimage.cli:run"]},

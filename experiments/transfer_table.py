@@ -10,6 +10,9 @@ supervised ones. The rows here (``keras_oneimage.transfer.finetune``, the same r
   supervised  conv1-2 from an AlexNet classifier trained on the CIFAR-10 train labels (``--supervised_checkpoint``,
               else the trunk the ``scratch`` row trains), frozen
   scratch     nothing frozen: the whole AlexNet trained on CIFAR-10 from scratch (also the supervised trunk)
+  scattering  no conv1-2: a fixed scattering transform (kymatio Scattering2D, J=2, L=8; Oyallon et al. 2017) in
+              their place, standardised on the training images, the rest of the same AlexNet trained on it
+              (``finetune(..., front_end="scattering")``; needs ``pip install keras-oneimage[scattering]``)
 
 Each row writes ``<out>/<row>.json`` (accuracies on test and val, history, timing, the command); rows already done
 are skipped (``--force`` reruns them), so the table can be built in parts. ``<out>/transfer_table.md`` is rewritten
@@ -42,13 +45,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
 
-ROWS = ("rotnet", "random", "supervised", "scratch")
-RUN_ORDER = ("scratch", "supervised", "random", "rotnet")  # scratch first: it may provide the supervised trunk
+ROWS = ("rotnet", "random", "supervised", "scattering", "scratch")
+RUN_ORDER = ("scratch", "supervised", "random", "rotnet", "scattering")  # scratch first: it may provide the supervised trunk
 DESCRIPTIONS = {
     "rotnet": "RotNet, one image (conv1-2 frozen)",
     "random": "random init (conv1-2 frozen)",
     "supervised": "supervised on CIFAR-10 labels (conv1-2 frozen)",
     "scratch": "nothing frozen (full supervised training)",
+    "scattering": "scattering transform J=2, L=8 (fixed, in place of conv1-2)",
 }
 QUICK_WIDTHS = (8, 16, 16, 16, 8)
 TABLE_FILE = "transfer_table.md"
@@ -162,6 +166,10 @@ def run_row(row: str, args: argparse.Namespace, data, out: pathlib.Path) -> dict
             raise SystemExit(f"no supervised trunk at {source}: run the scratch row first or pass "
                              "--supervised_checkpoint")
         result = finetune(source, data, freeze=("conv1", "conv2"), **options)
+    elif row == "scattering":  # the source only sets the architecture: conv3-5 and the head start fresh
+        source = random_trunk(args)
+        source_label = "scattering (kymatio, J=2, L=8)"
+        result = finetune(source if source is not None else "random", data, front_end="scattering", **options)
     else:  # scratch: nothing frozen, nothing copied
         source = random_trunk(args)
         source_label = "random (trained from scratch)"

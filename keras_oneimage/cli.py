@@ -219,6 +219,9 @@ def _finetune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("max_minutes", None, "Wall-clock budget: stop training after this many minutes.",
                        flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    flags.DEFINE_enum("front_end", "alexnet", ["alexnet", "scattering"], "In place of conv1-2: the source's AlexNet "
+                      "layers, or a fixed scattering transform (J=2, L=8; needs keras-oneimage[scattering]) with "
+                      "the rest of the same AlexNet trained on it (paper Table 4).", flag_values=fv)
     flags.DEFINE_string("output", None, "Write the result summary (accuracies, history) as JSON here.",
                         flag_values=fv)
     flags.DEFINE_string("save", None, "Save the trained classifier as a .keras file here.", flag_values=fv)
@@ -249,6 +252,7 @@ def _finetune(fv: flags.FlagValues) -> int:
         seed=fv.seed,
         callbacks=callbacks,
         verbose=2,
+        front_end=fv.front_end,
     )
     val = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
     print(f"frozen {','.join(result.frozen) or 'nothing'} from {result.source}: "

@@ -44,6 +44,8 @@ from keras_oneimage.models.heads import check_head_widths
 
 TAPS = AlexNet.TAPS
 DEFAULT_FREEZE = ("conv1", "conv2")
+#: What sits in place of conv1-2: the source AlexNet's own layers, or a fixed scattering (models/scattering.py).
+FRONT_ENDS = ("alexnet", "scattering")
 EXPORT_METADATA = "keras_oneimage.json"
 
 
@@ -62,6 +64,7 @@ class FinetuneResult:
     image_size: int
     epochs_run: int
     images_seen: int  # labelled training images processed (counting repeats over epochs)
+    front_end: str = "alexnet"  # one of FRONT_ENDS
 
     @property
     def backbone(self) -> AlexNet:
@@ -98,6 +101,7 @@ def finetune(
     dropout: float = 0.5,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     verbose: int | str = 0,
+    front_end: str = "alexnet",
 ) -> FinetuneResult:
     """Train an AlexNet classifier on ``dataset`` with ``freeze`` layers copied from a trunk and frozen.
 
@@ -117,6 +121,11 @@ def finetune(
       dropout: dropout rate before each hidden layer of the head (AlexNet's 0.5; 0 for none).
       callbacks: extra Keras callbacks for ``fit`` (e.g. a time budget that sets ``model.stop_training``).
       verbose: Keras verbosity.
+      front_end: ``"alexnet"`` (conv1-2 of the AlexNet, as above) or ``"scattering"``: a fixed scattering
+        transform (J=2, L=8; :mod:`keras_oneimage.models.scattering`) replaces conv1-2 and the rest of the same
+        AlexNet trains on it (the scattering row of Table 4). The source then only sets the architecture (and
+        may supply conv3-5 named in ``init``); conv1/conv2 in ``freeze`` / ``init`` are the scattering, which is
+        always frozen; its standardisation is estimated on the training images before training. Needs kymatio.
 
     Returns:
       A :class:`FinetuneResult` (test and val accuracy, history, the trained classifier).
@@ -140,6 +149,12 @@ def finetune(
     callbacks = list(callbacks or [])
     if not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
         raise InputError("callbacks must be keras.callbacks.Callback instances")
+    if front_end not in FRONT_ENDS:
+        raise InputError(f"unknown front_end {front_end!r}; choose one of: {', '.join(FRONT_ENDS)}")
+    if front_end == "scattering":
+        from keras_oneimage.models import scattering
+
+        scattering.require_kymatio()  # before loading any data
     data = _as_labelled(dataset, max_per_class)
 
     source, source_name, exported_layers = resolve_source(exported_or_backbone)
@@ -161,6 +176,10 @@ def finetune(
         trunk = AlexNet(variant=variant, image_size=size)
     else:
         trunk = AlexNet.from_config(source.get_config())
+    if front_end == "scattering":
+        trunk = scattering.ScatteringAlexNet.replacing_conv1_2(trunk, image_size=size)
+        init = tuple(name for name in init if name in trunk.TAPS)
+        freeze = ("scattering", *(name for name in freeze if name in trunk.TAPS))
     model = AlexNetClassifier(trunk, data.num_classes, head_widths=head_widths, dropout=dropout, seed=seed)
     try:
         model.build((None, size, size, 3))
@@ -170,6 +189,8 @@ def finetune(
         copy_layer(source, trunk, name)
     for name in freeze:
         getattr(trunk, name).trainable = False
+    if front_end == "scattering":
+        scattering.adapt_on(trunk, data.train, size, batch_size)
 
     steps_per_epoch = math.ceil(data.train_size / batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
@@ -198,6 +219,7 @@ def finetune(
         image_size=size,
         epochs_run=len(history.epoch),
         images_seen=counter.images,
+        front_end=front_end,
     )
 
 

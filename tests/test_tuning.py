@@ -135,7 +135,7 @@ def test_objective_parsing(spec, layers, name):
 @pytest.mark.parametrize("kwargs, message", [
     ({"algorithm": "grid"}, "unknown algorithm"),
     ({"objective": "fc6"}, "unknown layer"),
-    ({"objective": "mean:"}, "unknown layer"),
+    ({"objective": "mean:"}, "at least one layer"),
     ({"epochs": 0}, "epochs"),
     ({"search_space": {"strength": Float(0, 9)}}, "outside"),
     ({"method": "nope"}, "nope"),
