@@ -333,6 +333,6 @@ def adapt_on(trunk: ScatteringAlexNet, images, image_size: int, batch_size: int 
 
     The images are resized to ``image_size`` as for evaluation (no augmentation). Returns the number used.
     """
-    from keras_oneimage.probes.linear import eval_pipeline
+    from keras_oneimage.data.pipelines import eval_pipeline
 
     return trunk.scattering.adapt(eval_pipeline(images, image_size, batch_size), max_images=ADAPT_IMAGES)
