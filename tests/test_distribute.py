@@ -25,13 +25,14 @@ TINY = (8, 8, 8, 8, 8)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": "tensorflow"}
 ENV.pop("TF_CONFIG", None)
 
-# Makes every AlexNet built by keras_oneimage.fit tiny (fit does not expose the widths).
+# Makes every trunk built by keras_oneimage.fit tiny (fit does not expose the widths): the training core builds
+# trunks through the registry only.
 _TINY_FIT = """
-import keras_oneimage.models.alexnet as _alexnet
-_init = _alexnet.AlexNet.__init__
-def _tiny_init(self, *args, widths=(8, 8, 8, 8, 8), **kwargs):
-    _init(self, *args, widths=widths, **kwargs)
-_alexnet.AlexNet.__init__ = _tiny_init
+import keras_oneimage.models.registry as _registry
+_build = _registry.build_trunk
+def _tiny_build(name=None, **kwargs):
+    return _build(name, **{**kwargs, "widths": (8, 8, 8, 8, 8)})
+_registry.build_trunk = _tiny_build
 """
 
 
