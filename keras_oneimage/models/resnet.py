@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import keras
 from keras import ops
 
+from keras_oneimage import validation
 from keras_oneimage.errors import InputError
 from keras_oneimage.models.alexnet import IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, FusedBatchNormalization
 from keras_oneimage.models.sobel import Sobel
@@ -240,7 +241,7 @@ class ResNet18(keras.Model):
         ``dtype`` casts the taps (default float32, so probes get float32 under a mixed-precision policy); ``None``
         keeps the compute dtype.
         """
-        names = _check_layers(layers)
+        names = validation.layer_names(layers, self.TAPS)
         deepest = max(self.TAPS.index(n) for n in names)
         out = {}
         x = self.preprocess(x)
@@ -291,13 +292,6 @@ class ResNet18(keras.Model):
             "std": list(self.std),
         }
 
-
-def _check_layers(layers: str | Iterable[str]) -> tuple[str, ...]:
-    names = (layers,) if isinstance(layers, str) else tuple(layers)
-    bad = [n for n in names if n not in ResNet18.TAPS]
-    if bad or not names:
-        raise InputError(f"unknown layer(s) {bad or names!r}; choose from {', '.join(ResNet18.TAPS)}")
-    return names
 
 
 def _halve(n: int) -> int:
