@@ -11,18 +11,15 @@ an exported trunk carries its preprocessing. ``sobel=True`` prepends the fixed S
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import keras
 from keras import ops
 
-from keras_oneimage import validation
 from keras_oneimage.errors import InputError
-from keras_oneimage.models.sobel import Sobel
+from keras_oneimage.models.trunk import IMAGENET_MEAN, IMAGENET_STD, Trunk
 
 #: ImageNet channel statistics, the normalisation every benchmark AlexNet uses (torchvision convention).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Krizhevsky et al. (2012) widths, kept by Asano et al. (2020, §4).
 ALEXNET_WIDTHS = (96, 256, 384, 384, 256)
 VARIANTS = ("cifar", "imagenet")
@@ -142,7 +139,7 @@ class ConvBNReLU(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_oneimage")
-class AlexNet(keras.Model):
+class AlexNet(Trunk):
     """AlexNet-BN trunk. ``call`` returns the pooled conv5 map; ``features`` returns the conv1…conv5 taps.
 
     Args:
@@ -176,23 +173,13 @@ class AlexNet(keras.Model):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 5 or min(widths) < 1:
             raise InputError(f"widths must be five positive integers, got {widths!r}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise InputError(f"mean/std must be three numbers each (std > 0), got {mean!r} / {std!r}")
-        self.variant = variant
-        self.image_size = int(image_size)
-        self.sobel = bool(sobel)
-        self.widths = widths
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self._init_common(variant, image_size, sobel, widths, mean, std)
         self._spec = _stem_spec(variant, self.image_size)
         shapes = _feature_shapes(self._spec, self.image_size, widths)
         if min(min(s[:2]) for s in shapes.values()) < 1:
             raise InputError(f"image_size {image_size} is too small for the {variant!r} AlexNet")
 
-        # Every sublayer gets this model's dtype policy, so a trunk built under a mixed-precision policy (or
-        # reloaded from a config that records one) computes in it throughout; weights stay float32.
-        dtype = self.dtype_policy
-        self.sobel_layer = Sobel(name="sobel", dtype=dtype) if self.sobel else None
+        dtype = self.dtype_policy  # every sublayer computes in the model's policy (models/trunk.py)
         conv1_kernel, conv1_stride, conv1_pad = self._spec["conv1"]
         pool_pad = self._spec["pool_padding"]
         self.conv1 = ConvBNReLU(widths[0], conv1_kernel, conv1_stride, conv1_pad, name="conv1", dtype=dtype)
@@ -203,55 +190,19 @@ class AlexNet(keras.Model):
         self.conv4 = ConvBNReLU(widths[3], 3, 1, "same", name="conv4", dtype=dtype)
         self.conv5 = ConvBNReLU(widths[4], 3, 1, "same", name="conv5", dtype=dtype)
         self.pool5 = keras.layers.MaxPooling2D(3, 2, padding=pool_pad, name="pool5", dtype=dtype)
-        # (tap layer, pooling applied after it before the next block)
-        self._blocks = (
-            (self.conv1, self.pool1),
-            (self.conv2, self.pool2),
-            (self.conv3, None),
-            (self.conv4, None),
-            (self.conv5, self.pool5),
+
+    def _tap_path(self):
+        # Each max-pool runs on the way to the next tap: the taps are post-BN, post-ReLU, before pooling.
+        return (
+            ("conv1", (self.conv1,)),
+            ("conv2", (self.pool1, self.conv2)),
+            ("conv3", (self.pool2, self.conv3)),
+            ("conv4", (self.conv4,)),
+            ("conv5", (self.conv5,)),
         )
 
-    # ------------------------------------------------------------------------------------------------ forward
-    def preprocess(self, x):
-        """[0, 1] RGB → normalised input of conv1 (and Sobel gradients when ``sobel``)."""
-        x = ops.cast(x, self.compute_dtype)
-        mean = ops.cast(ops.convert_to_tensor(self.mean), x.dtype)
-        std = ops.cast(ops.convert_to_tensor(self.std), x.dtype)
-        x = (x - mean) / std
-        return self.sobel_layer(x) if self.sobel_layer is not None else x
-
-    def call(self, x, training=None):
-        x = self.preprocess(x)
-        for block, pool in self._blocks:
-            x = block(x, training=training)
-            if pool is not None:
-                x = pool(x)
-        return x
-
-    def features(
-        self,
-        x,
-        layers: str | Iterable[str] = ("conv1", "conv2"),
-        training: bool = False,
-        dtype: str | None = "float32",
-    ) -> dict:
-        """The requested taps (post-BN, post-ReLU, before pooling) from one forward pass.
-
-        Stops after the deepest requested layer. ``dtype`` casts the taps (default float32, so probes get float32
-        even under a mixed-precision policy); ``None`` keeps the compute dtype.
-        """
-        names = validation.layer_names(layers, self.TAPS)
-        deepest = max(self.TAPS.index(n) for n in names)
-        out = {}
-        x = self.preprocess(x)
-        for i, (block, pool) in enumerate(self._blocks[: deepest + 1]):
-            x = block(x, training=training)
-            if self.TAPS[i] in names:
-                out[self.TAPS[i]] = ops.cast(x, dtype) if dtype is not None else x
-            if pool is not None and i < deepest:
-                x = pool(x)
-        return {n: out[n] for n in names}
+    def _output_layers(self):
+        return (self.pool5,)
 
     # ------------------------------------------------------------------------------------------------ shapes
     def feature_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:
@@ -262,41 +213,6 @@ class AlexNet(keras.Model):
         """
         size = self.image_size if image_size is None else int(image_size)
         return _feature_shapes(self._spec, size, self.widths)
-
-    @property
-    def input_channels(self) -> int:
-        """Channels conv1 sees: 2 with the Sobel front end, 3 otherwise."""
-        return 2 if self.sobel else 3
-
-    def build(self, input_shape=None):
-        """Creates every weight for inputs of ``input_shape`` (default ``(None, S, S, 3)``)."""
-        if input_shape is None:
-            input_shape = (None, self.image_size, self.image_size, 3)
-        shape = tuple(input_shape)
-        if self.sobel_layer is not None:
-            if not self.sobel_layer.built:
-                self.sobel_layer.build(shape)
-            shape = self.sobel_layer.compute_output_shape(shape)
-        for block, pool in self._blocks:
-            if not block.built:
-                block.build(shape)
-            shape = block.compute_output_shape(shape)
-            if pool is not None:
-                shape = pool.compute_output_shape(shape)
-        self.built = True
-
-    def get_config(self):
-        base = super().get_config()
-        base = {k: base[k] for k in ("name", "trainable", "dtype") if k in base}
-        return {
-            **base,
-            "variant": self.variant,
-            "image_size": self.image_size,
-            "sobel": self.sobel,
-            "widths": list(self.widths),
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
 
 
 def _stem_spec(variant: str, image_size: int) -> dict:

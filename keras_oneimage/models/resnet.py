@@ -26,15 +26,14 @@ Sobel front end (DeepCluster's ``backbone_options``).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import keras
 from keras import ops
 
-from keras_oneimage import validation
 from keras_oneimage.errors import InputError
-from keras_oneimage.models.alexnet import IMAGENET_MEAN, IMAGENET_STD, ConvBNReLU, FusedBatchNormalization
-from keras_oneimage.models.sobel import Sobel
+from keras_oneimage.models.alexnet import ConvBNReLU, FusedBatchNormalization
+from keras_oneimage.models.trunk import IMAGENET_MEAN, IMAGENET_STD, Trunk
 
 #: He et al. (2016), Table 1: widths of conv2_x … conv5_x (our ``stage1`` … ``stage4``) and blocks per stage.
 RESNET18_WIDTHS = (64, 128, 256, 512)
@@ -135,7 +134,7 @@ class ResNetStage(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_oneimage")
-class ResNet18(keras.Model):
+class ResNet18(Trunk):
     """ResNet-18 trunk with BatchNorm. ``call`` returns the global average pool of ``stage4``; ``features`` returns
     the ``stem``, ``stage1`` … ``stage4`` taps.
 
@@ -174,17 +173,9 @@ class ResNet18(keras.Model):
             raise InputError(f"widths must be four positive integers, got {widths!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise InputError(f"image_size must be a positive integer, got {image_size!r}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise InputError(f"mean/std must be three numbers each (std > 0), got {mean!r} / {std!r}")
-        self.variant = variant
-        self.image_size = int(image_size)
-        self.sobel = bool(sobel)
-        self.widths = widths
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self._init_common(variant, image_size, sobel, widths, mean, std)
 
         dtype = self.dtype_policy  # every sublayer computes in the model's policy (see AlexNet)
-        self.sobel_layer = Sobel(name="sobel", dtype=dtype) if self.sobel else None
         if variant == "imagenet":
             self.stem = ConvBNReLU(widths[0], 7, 2, 3, name="stem", dtype=dtype)
             # Zero padding equals PyTorch's -inf padding of this max-pool: its input is post-ReLU.
@@ -213,85 +204,14 @@ class ResNet18(keras.Model):
             ("stage4", (self.stage4,)),
         )
 
-    # ------------------------------------------------------------------------------------------------ forward
-    def preprocess(self, x):
-        """[0, 1] RGB → normalised input of the stem (and Sobel gradients when ``sobel``)."""
-        x = ops.cast(x, self.compute_dtype)
-        mean = ops.cast(ops.convert_to_tensor(self.mean), x.dtype)
-        std = ops.cast(ops.convert_to_tensor(self.std), x.dtype)
-        x = (x - mean) / std
-        return self.sobel_layer(x) if self.sobel_layer is not None else x
-
-    def call(self, x, training=None):
-        x = self.preprocess(x)
-        for _, layers in self._tap_path():
-            for layer in layers:
-                x = layer(x, training=training)
-        return self.avgpool(x)
-
-    def features(
-        self,
-        x,
-        layers: str | Iterable[str] = ("stem", "stage1"),
-        training: bool = False,
-        dtype: str | None = "float32",
-    ) -> dict:
-        """The requested taps from one forward pass that stops after the deepest of them.
-
-        ``dtype`` casts the taps (default float32, so probes get float32 under a mixed-precision policy); ``None``
-        keeps the compute dtype.
-        """
-        names = validation.layer_names(layers, self.TAPS)
-        deepest = max(self.TAPS.index(n) for n in names)
-        out = {}
-        x = self.preprocess(x)
-        for tap, path in self._tap_path()[: deepest + 1]:
-            for layer in path:
-                x = layer(x, training=training)
-            if tap in names:
-                out[tap] = ops.cast(x, dtype) if dtype is not None else x
-        return {n: out[n] for n in names}
+    def _output_layers(self):
+        return (self.avgpool,)
 
     # ------------------------------------------------------------------------------------------------ shapes
     def feature_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:
         """``{tap: (h, w, c)}`` for square inputs of side ``image_size`` (default: the model's), plus ``"output"``."""
         size = self.image_size if image_size is None else int(image_size)
         return _feature_shapes(self.variant, size, self.widths)
-
-    @property
-    def input_channels(self) -> int:
-        """Channels the stem sees: 2 with the Sobel front end, 3 otherwise."""
-        return 2 if self.sobel else 3
-
-    def build(self, input_shape=None):
-        """Creates every weight for inputs of ``input_shape`` (default ``(None, S, S, 3)``)."""
-        if input_shape is None:
-            input_shape = (None, self.image_size, self.image_size, 3)
-        shape = tuple(input_shape)
-        if self.sobel_layer is not None:
-            if not self.sobel_layer.built:
-                self.sobel_layer.build(shape)
-            shape = self.sobel_layer.compute_output_shape(shape)
-        for _, layers in self._tap_path():
-            for layer in layers:
-                if not layer.built:
-                    layer.build(shape)
-                shape = layer.compute_output_shape(shape)
-        self.built = True
-
-    def get_config(self):
-        base = super().get_config()
-        base = {k: base[k] for k in ("name", "trainable", "dtype") if k in base}
-        return {
-            **base,
-            "variant": self.variant,
-            "image_size": self.image_size,
-            "sobel": self.sobel,
-            "widths": list(self.widths),
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
 
 
 def _halve(n: int) -> int:
