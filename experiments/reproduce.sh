@@ -13,6 +13,7 @@ PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-"study reference table report"}
 PROTOCOL=${PROTOCOL:-coarse}   # chosen by the study (experiments/RESULTS.md, "Probe protocol study")
 SIZE=${SIZE:-32}
+REF_EPOCHS=${REF_EPOCHS:-8}    # the 128 px reference on record ran REF_EPOCHS=5 (RESULTS.md, probe study)
 OUT=experiments/outputs
 mkdir -p "$OUT/logs"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -25,7 +26,7 @@ fi
 # 2. The converged supervised reference of the chosen setting (cosine schedule, early stop on val), then its
 #    probes in the study.
 if has reference; then
-  $PY experiments/supervised_reference.py --image_size "$SIZE" --epochs 8 --patience 3
+  $PY experiments/supervised_reference.py --image_size "$SIZE" --epochs "$REF_EPOCHS" --patience 3
   $PY experiments/probe_study.py --trunks supervised
   $PY experiments/probe_study.py --report
 fi
