@@ -129,7 +129,7 @@ def test_short_run_on_a_photo(photo_path, tmp_path):
     assert np.all(np.isfinite(history["loss"]))
     acc = history["accuracy"]
     # The pseudo-labels are learnable: every epoch (fresh labels each time) is trained well above chance (1/k).
-    # Not monotone: each reclustering hands the head new labels (seeds 0-3 on two CPUs: 1.7-3.1x chance).
+    # Not monotone: each reclustering hands the head new labels (seeds 0-3 on an AMX Xeon: 1.7-3.1x chance).
     assert min(acc) > 1.5 / k and np.mean(acc) > 1.8 / k, acc
     # NMI between successive assignments: 0 at the first epoch (vs the one-cluster start), then a proper NMI
     nmi = history["nmi"]

@@ -168,11 +168,7 @@ class AlexNet(Trunk):
     ):
         kwargs.setdefault("name", "alexnet")
         super().__init__(**kwargs)
-        if variant not in VARIANTS:
-            raise InputError(f"unknown AlexNet variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 5 or min(widths) < 1:
-            raise InputError(f"widths must be five positive integers, got {widths!r}")
+        widths = check_alexnet_options(variant, widths)
         self._init_common(variant, image_size, sobel, widths, mean, std)
         self._spec = _stem_spec(variant, self.image_size)
         shapes = _feature_shapes(self._spec, self.image_size, widths)
@@ -213,6 +209,17 @@ class AlexNet(Trunk):
         """
         size = self.image_size if image_size is None else int(image_size)
         return _feature_shapes(self._spec, size, self.widths)
+
+
+def check_alexnet_options(variant: str, widths: Sequence[int]) -> tuple[int, ...]:
+    """The widths as a tuple of five positive integers, after checking them and ``variant`` (InputError if not);
+    shared by every model built on AlexNet's layer plan (the scattering trunk of Table 4 too)."""
+    if variant not in VARIANTS:
+        raise InputError(f"unknown AlexNet variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 5 or min(widths) < 1:
+        raise InputError(f"widths must be five positive integers, got {widths!r}")
+    return widths
 
 
 def _stem_spec(variant: str, image_size: int) -> dict:

@@ -44,7 +44,14 @@ import numpy as np
 from keras import ops
 
 from keras_oneimage.errors import InputError
-from keras_oneimage.models.alexnet import ALEXNET_WIDTHS, VARIANTS, AlexNet, ConvBNReLU, _feature_shapes, _stem_spec
+from keras_oneimage.models.alexnet import (
+    ALEXNET_WIDTHS,
+    AlexNet,
+    ConvBNReLU,
+    _feature_shapes,
+    _stem_spec,
+    check_alexnet_options,
+)
 
 #: kymatio's TensorFlow 2-D frontend; imported alone it avoids kymatio's 3-D code (see the module docstring).
 KYMATIO_MODULE = "kymatio.scattering2d.frontend.tensorflow_frontend"
@@ -232,11 +239,7 @@ class ScatteringAlexNet(keras.Model):
     ):
         kwargs.setdefault("name", "scattering_alexnet")
         super().__init__(**kwargs)
-        if variant not in VARIANTS:
-            raise InputError(f"unknown AlexNet variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 5 or min(widths) < 1:
-            raise InputError(f"widths must be five positive integers, got {widths!r}")
+        widths = check_alexnet_options(variant, widths)
         self.variant, self.image_size, self.widths = variant, int(image_size), widths
         dtype = self.dtype_policy
         self.scattering = ScatteringFrontEnd(J, L, log, name="scattering")
