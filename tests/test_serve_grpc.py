@@ -303,3 +303,43 @@ def test_cli_serve_with_grpc_port(tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"conv1": np.arange(2 * 3 * 3 * 4, dtype=np.float32).reshape(2, 3, 3, 4) / 7, "conv2": np.ones((2, 5), np.float32)},
+        {"ints": np.arange(-6, 6, dtype=np.int32).reshape(3, 4), "bytes": np.arange(200, 230, dtype=np.uint8)},
+        {"half": np.linspace(-2, 2, 9, dtype=np.float16), "double": np.array(np.pi), "flags": np.array([True, False])},
+        {"empty": np.zeros((0, 4), np.float32), "strided": np.arange(40, dtype=np.float32).reshape(5, 8)[:, ::3]},
+        {"text": np.array([b"a", b"bc"], dtype=object), "x": np.ones(3, np.float32)},
+    ],
+    ids=["float_maps", "ints", "half_double_bool", "empty_and_strided", "strings_fall_back"],
+)
+def test_serialized_predict_response_parses_to_the_built_one(outputs):
+    from keras_oneimage.serve.grpc_server import predict_response, predict_response_bytes
+
+    for output_filter in ((), sorted(outputs)[:1]):
+        wire = predict_response_bytes("m", 12, "serving_default", outputs, output_filter)
+        parsed = predict_pb2.PredictResponse.FromString(wire)
+        assert parsed == predict_response("m", 12, "serving_default", outputs, output_filter)
+        assert sorted(parsed.outputs) == sorted(output_filter or outputs)
+        for key in parsed.outputs:
+            np.testing.assert_array_equal(tf.make_ndarray(parsed.outputs[key]), np.asarray(outputs[key]))
+
+
+def test_keep_large_buffers_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
+    import ctypes.util
+
+    from keras_oneimage.serve import allocator
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert allocator.keep_large_buffers() is False  # the user's own setting stays
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator.keep_large_buffers() is False  # no C library found: nothing to tune
+    monkeypatch.undo()
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        assert allocator.keep_large_buffers() is True

@@ -226,11 +226,10 @@ def make_app(
             # once (the model releases the GIL, the encoder holds it, so the two overlap), and each request's
             # response goes out when its own encoding is done rather than when the whole batch's is.
             if binary:
-                from keras_oneimage.serve.grpc_server import predict_response
+                from keras_oneimage.serve.grpc_server import predict_response_bytes
 
-                response = predict_response(name, served.version, parsed.signature, outputs)
                 return Response(
-                    response.SerializeToString(),
+                    predict_response_bytes(name, served.version, parsed.signature, outputs),
                     media_type=PROTOBUF_MEDIA_TYPE,
                     headers={"X-Model-Version": str(served.version)},
                 )
@@ -473,6 +472,8 @@ def serve(
     """
     import uvicorn
 
+    from keras_oneimage.serve.allocator import keep_large_buffers
+
     for label, value in (("port", port), ("grpc_port", grpc_port)):
         if value is None and label == "grpc_port":
             continue
@@ -510,6 +511,7 @@ def serve(
         raise InputError(f"nothing to serve in {str(model_base_path)!r}: {why}")
     for record in records:
         log.handle(record)
+    keep_large_buffers()  # this process is the server's own: reuse big reply buffers instead of faulting new pages
     sock = _bind(host, port)
     if grpc_port:  # a clear error now rather than a failed startup inside uvicorn (racy, but only for messages)
         _bind(host, grpc_port).close()
