@@ -64,7 +64,7 @@ def fit(
         ``"sqrt"``: multiply the optimizer's rate(s) by ``batch_size / reference_batch`` (or its square root).
       reference_batch: the global batch the base learning rate is meant for (256, Goyal et al. 2017).
       precision: Keras dtype policy for the models: ``"float32"``, ``"mixed_bfloat16"``, ``"mixed_float16"``, or
-        ``"auto"`` (``mixed_bfloat16`` on a CPU with AMX-BF16, else float32; 2.8x faster RotNet training at 64 px
+        ``"auto"`` (``mixed_bfloat16`` on a CPU with AMX-BF16 or AVX512-BF16, else float32; 2.8x faster RotNet training at 64 px
         on such a CPU, docs/performance.md). Weights, taps and exports stay float32.
       max_minutes: a wall-clock budget: stop after the batch running when it runs out (that epoch is saved and
         counted as done). ``epochs`` stays the upper bound.

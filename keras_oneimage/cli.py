@@ -92,7 +92,7 @@ def _fit_flags(fv: flags.FlagValues) -> None:
                       "Scale the learning rate with batch_size / reference_batch.", flag_values=fv)
     flags.DEFINE_integer("reference_batch", 256, "The batch the base learning rate is meant for.", flag_values=fv)
     flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-                      "Compute precision ('auto': bf16 on AMX CPUs, ~2.8x faster; docs/performance.md).",
+                      "Compute precision ('auto': bf16 on CPUs with AMX or AVX512-BF16, 1.6-2.8x faster; docs/performance.md).",
                       flag_values=fv)
     _augment_flags(fv)
 

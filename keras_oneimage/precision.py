@@ -19,30 +19,41 @@ from keras_oneimage.errors import InputError
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
+#: /proc/cpuinfo flags of x86 bf16 matrix units that oneDNN uses: AMX tiles (Intel Sapphire Rapids and later) and
+#: AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later). Either made RotNet's step 1.6-2.9x faster than
+#: float32 (docs/performance.md).
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_has_amx_bf16() -> bool:
-    """True on x86 CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), read from ``/proc/cpuinfo``."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_bf16_units() -> bool:
+    """True on x86 CPUs whose bf16 matrix units oneDNN uses (:data:`BF16_CPU_FLAGS`)."""
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def resolve_precision(precision: str | None = "auto") -> str:
     """The Keras dtype policy name for ``precision``.
 
-    ``"auto"`` (or None) picks ``"mixed_bfloat16"`` when training runs on a CPU with AMX-BF16 and TensorFlow's
-    oneDNN kernels are on (faster RotNet steps with the same probe accuracy; docs/performance.md), else
-    ``"float32"`` (GPUs, and CPUs without bf16 matrix units, where bf16 is emulated).
+    ``"auto"`` (or None) picks ``"mixed_bfloat16"`` when training runs on a CPU with AMX-BF16 or AVX512-BF16 and
+    TensorFlow's oneDNN kernels are on (faster RotNet steps with the same probe accuracy; docs/performance.md),
+    else ``"float32"`` (GPUs, and CPUs without bf16 units, where bf16 is emulated and slower).
     """
     if precision is None or precision == "auto":
         onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
         on_cpu = not tf.config.list_physical_devices("GPU")
-        return "mixed_bfloat16" if on_cpu and onednn and cpu_has_amx_bf16() else "float32"
+        return "mixed_bfloat16" if on_cpu and onednn and cpu_has_bf16_units() else "float32"
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose 'auto' or one of: {', '.join(PRECISIONS)}")
     return precision

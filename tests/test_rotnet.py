@@ -76,6 +76,24 @@ def test_precision_resolution_and_scope():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.parametrize(
+    "flags, onednn, expected",
+    [
+        ({"avx2", "fma"}, "1", "float32"),  # no bf16 units: bf16 would be emulated
+        ({"avx512f", "avx512_bf16"}, "1", "mixed_bfloat16"),  # AMD Zen 4, Intel Cooper Lake
+        ({"avx512f", "amx_bf16", "amx_tile"}, "1", "mixed_bfloat16"),  # Intel Sapphire Rapids
+        ({"amx_bf16"}, "0", "float32"),  # oneDNN off: TF's own kernels have no bf16 fast path
+    ],
+)
+def test_auto_precision_follows_the_cpus_bf16_units(monkeypatch, flags, onednn, expected):
+    from keras_oneimage import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn)
+    assert precision.resolve_precision("auto") == expected
+    assert precision.resolve_precision("float32") == "float32"  # an explicit choice is never overridden
+
+
 def test_mixed_bfloat16_rotnet_learns_and_its_outputs_stay_float32(tmp_path, photo_path):
     from keras_oneimage.data.images import load_image
     from keras_oneimage.data.synthetic import patch_dataset

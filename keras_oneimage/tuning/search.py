@@ -86,7 +86,7 @@ def tune(
       keep_backups: keep each trial's resume state after it completes (default: only for Hyperband, whose
         promoted trials continue from it).
       verbose: 0 silent, 1 Keras Tuner's per-trial report and the summary table, 2 also training progress.
-      precision: each trial's training precision, as `fit`'s (``"auto"``: bf16 on AMX CPUs).
+      precision: each trial's training precision, as `fit`'s (``"auto"``: bf16 on CPUs with AMX or AVX512-BF16).
       probe_augment: the trial probes' protocol (``False``: cached taps, the trunk runs once per image; see
         :func:`keras_oneimage.probes.probe`).
       probe_learning_rate: the trial probes' SGD rate (default: the probe module's, the paper's 0.01).
