@@ -1,24 +1,29 @@
-"""Fine-tune an AlexNet classifier on top of frozen early layers (Asano et al., ICLR 2020, Table 4).
+"""Fine-tune a classifier on top of a trunk's frozen early layers (Asano et al., ICLR 2020, Table 4).
 
 The paper's fine-tuning experiment asks whether the conv1-conv2 learned from a single image are as good a start
 as supervised ones when the rest of the network is trained on a labelled set: it copies conv1-2 from a trunk,
 freezes them, trains conv3-5 and the classifier from scratch, and reports the top-1 accuracy.
 :func:`finetune` does exactly that on any :class:`~keras_oneimage.data.labelled.LabelledData` (CIFAR-10 at CPU
-scale):
+scale), for any registered trunk (``keras_oneimage.models.registry``):
 
-* the classifier is the same AlexNet (built from the source trunk's config, so the same variant, stride, widths,
-  Sobel front end and normalisation) plus an MLP head on the flattened pooled conv5 map;
-* the layers in ``init`` (default: the frozen ones) get the source trunk's weights; every other layer is freshly
+* the "early layers" are read from the trunk (:meth:`~keras_oneimage.models.trunk.Trunk.early_taps`, its first two
+  taps): ``conv1``, ``conv2`` of the AlexNet; the ``stem`` and ``stage1`` of ResNet-18, the analogue of conv1-2
+  (everything before the first downsampling stage). A tap's layers are those the trunk's forward path runs from
+  the previous tap up to it (:meth:`~keras_oneimage.models.trunk.Trunk.tap_layers`);
+* the classifier is the same trunk (built from the source trunk's config, so the same architecture, variant,
+  widths, Sobel front end and normalisation) plus an MLP head on the flattened output of ``call`` (the AlexNet's
+  pooled conv5 map, the ResNet's global average pool of stage4);
+* the taps in ``init`` (default: the frozen ones) get the source trunk's weights; every other layer is freshly
   initialised (seeded). The source model itself is never modified;
-* the layers in ``freeze`` are not trainable: their convolution kernel, BatchNorm scale and shift stay as copied,
-  and their BatchNorm runs in inference mode (moving statistics used, never updated), so after training they are
+* the taps in ``freeze`` are not trainable: their convolution kernels, BatchNorm scales and shifts stay as copied,
+  and their BatchNorms run in inference mode (moving statistics used, never updated), so after training they are
   bit-identical to the source;
 * SGD with momentum and weight decay, cosine-decayed learning rate, the probes' train-time augmentation (pad-crop
   and flip), top-1 accuracy on ``test`` (and on ``val`` when there is one).
 
 A source is a method model, a backbone, a ``model.keras`` checkpoint or a ``fit`` output dir, an exported
 SavedModel (a version dir, or a base dir whose highest version is used), or ``None`` / ``"random"`` for a
-randomly initialised trunk.
+randomly initialised trunk (``trunk=`` names its architecture).
 """
 from __future__ import annotations
 
@@ -41,10 +46,11 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.models.alexnet import AlexNet
 from keras_oneimage.models.classifier import AlexNetClassifier
 from keras_oneimage.models.heads import check_head_widths
+from keras_oneimage.models.registry import DEFAULT_TRUNK, available_trunks, build_trunk, trunk_class, trunk_name
+from keras_oneimage.models.trunk import Trunk
 
-TAPS = AlexNet.TAPS
-DEFAULT_FREEZE = ("conv1", "conv2")
-#: What sits in place of conv1-2: the source AlexNet's own layers, or a fixed scattering (models/scattering.py).
+#: What sits in place of the early layers: the source trunk's own ("alexnet", the name of the paper's case, for
+#: every trunk), or a fixed scattering replacing an AlexNet's conv1-2 (models/scattering.py).
 FRONT_ENDS = ("alexnet", "scattering")
 EXPORT_METADATA = "keras_oneimage.json"
 
@@ -57,7 +63,7 @@ class FinetuneResult:
     test_accuracy: float
     val_accuracy: float | None  # None when the data has no val split
     history: dict[str, list[float]]  # per epoch: loss, accuracy
-    model: AlexNetClassifier  # the trained classifier; model.backbone is its trunk
+    model: AlexNetClassifier  # the trained classifier (any trunk); model.backbone is its trunk
     frozen: tuple[str, ...]
     initialised: tuple[str, ...]  # layers whose weights came from the source
     source: str  # "random", "checkpoint:<path>", "export:<path>", or the source object's class name
@@ -65,9 +71,10 @@ class FinetuneResult:
     epochs_run: int
     images_seen: int  # labelled training images processed (counting repeats over epochs)
     front_end: str = "alexnet"  # one of FRONT_ENDS
+    trunk: str = "alexnet"  # the registry name of the trunk's architecture
 
     @property
-    def backbone(self) -> AlexNet:
+    def backbone(self) -> Trunk:
         """The fine-tuned trunk (its frozen layers are the source's)."""
         return self.model.backbone
 
@@ -87,7 +94,7 @@ def finetune(
     exported_or_backbone: Any,
     dataset: LabelledData | str | os.PathLike,
     *,
-    freeze: str | Iterable[str] = DEFAULT_FREEZE,
+    freeze: str | Iterable[str] | None = None,
     init: str | Iterable[str] | None = None,
     epochs: int = 10,
     batch_size: int = 128,
@@ -102,15 +109,19 @@ def finetune(
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     verbose: int | str = 0,
     front_end: str = "alexnet",
+    trunk: str | None = None,
 ) -> FinetuneResult:
-    """Train an AlexNet classifier on ``dataset`` with ``freeze`` layers copied from a trunk and frozen.
+    """Train a classifier on ``dataset`` with ``freeze`` taps copied from a trunk and frozen.
 
     Args:
-      exported_or_backbone: where the early layers come from: a method model (its ``.backbone``), an
-        :class:`AlexNet`, a ``model.keras`` checkpoint or a ``fit`` output dir, an exported SavedModel version dir
-        (or its base dir: the highest version), or ``None`` / ``"random"`` for a random trunk.
+      exported_or_backbone: where the early layers come from: a method model (its ``.backbone``), a trunk
+        (:class:`AlexNet`, :class:`~keras_oneimage.models.resnet.ResNet18`), a ``model.keras`` checkpoint or a
+        ``fit`` output dir, an exported SavedModel version dir (or its base dir: the highest version), or
+        ``None`` / ``"random"`` for a random trunk.
       dataset: a :class:`LabelledData`, or a name/path for :func:`load_labelled` (e.g. ``"cifar10"``).
-      freeze: taps whose weights stay fixed (BatchNorm in inference mode); ``()`` trains everything.
+      freeze: taps of the source's trunk whose weights stay fixed (BatchNorm in inference mode); ``None``: its
+        early layers (``trunk.early_taps()``: conv1-conv2 of an AlexNet, stem-stage1 of a ResNet-18); ``()``
+        trains everything.
       init: taps copied from the source (default: the frozen ones; the others start from a seeded random init).
         ``init=("conv1", "conv2"), freeze=()`` fine-tunes everything from the source's conv1-2.
       epochs, batch_size, learning_rate, momentum, weight_decay: SGD with a cosine-decayed rate over all steps.
@@ -125,16 +136,18 @@ def finetune(
         transform (J=2, L=8; :mod:`keras_oneimage.models.scattering`) replaces conv1-2 and the rest of the same
         AlexNet trains on it (the scattering row of Table 4). The source then only sets the architecture (and
         may supply conv3-5 named in ``init``); conv1/conv2 in ``freeze`` / ``init`` are the scattering, which is
-        always frozen; its standardisation is estimated on the training images before training. Needs kymatio.
+        always frozen; its standardisation is estimated on the training images before training. Needs kymatio
+        and an AlexNet source.
+      trunk: the architecture (``"alexnet"``, ``"resnet18"``; default alexnet) of a random source; with any other
+        source, ``None`` or the source's own trunk name.
 
     Returns:
       A :class:`FinetuneResult` (test and val accuracy, history, the trained classifier).
 
     Raises:
-      InputError: an unknown layer in ``freeze`` / ``init``, an unusable source or dataset, a bad number.
+      InputError: a tap the trunk does not have in ``freeze`` / ``init`` (the message lists the trunk's taps), an
+        unusable source or dataset, a bad number.
     """
-    freeze = _check_taps("freeze", freeze)
-    init = freeze if init is None else _check_taps("init", init)
     epochs = validation.positive_int("epochs", epochs)
     batch_size = validation.positive_int("batch_size", batch_size)
     seed = validation.seed(seed)
@@ -155,9 +168,15 @@ def finetune(
         from keras_oneimage.models import scattering
 
         scattering.require_kymatio()  # before loading any data
-    data = _as_labelled(dataset, max_per_class)
 
+    # The source decides the architecture, hence which taps exist: every tap check comes after it, before the data.
     source, source_name, exported_layers = resolve_source(exported_or_backbone)
+    architecture = _architecture(source, trunk)
+    taps_of = trunk_class(architecture)
+    freeze = _check_taps("freeze", taps_of.early_taps() if freeze is None else freeze, taps_of, architecture)
+    init = freeze if init is None else _check_taps("init", init, taps_of, architecture)
+    if front_end == "scattering" and not issubclass(taps_of, AlexNet):
+        raise InputError(f"the scattering front end replaces an AlexNet's conv1-2; the source is a {architecture}")
     if source is None:
         init = ()  # a random trunk: nothing to copy
     elif exported_layers is not None:
@@ -167,30 +186,31 @@ def finetune(
                 f"the export holds layers {list(exported_layers)} only; cannot initialise {missing} from it "
                 "(export those layers too, or pass the model.keras checkpoint)"
             )
+    data = _as_labelled(dataset, max_per_class)
     size = image_size or (source.image_size if source is not None else None) or _data_image_size(data) or 32
 
     # The new classifier: a fresh trunk of the source's architecture, then the source's weights for `init`.
     keras.utils.set_random_seed(seed)
     if source is None:
-        variant = "imagenet" if size >= 128 else "cifar"
-        trunk = AlexNet(variant=variant, image_size=size)
+        target = build_trunk(architecture, image_size=size)  # the package's variant rule: imagenet from 128 px
     else:
-        trunk = AlexNet.from_config(source.get_config())
+        target = type(source).from_config(source.get_config())
     if front_end == "scattering":
-        trunk = scattering.ScatteringAlexNet.replacing_conv1_2(trunk, image_size=size)
-        init = tuple(name for name in init if name in trunk.TAPS)
-        freeze = ("scattering", *(name for name in freeze if name in trunk.TAPS))
-    model = AlexNetClassifier(trunk, data.num_classes, head_widths=head_widths, dropout=dropout, seed=seed)
+        target = scattering.ScatteringAlexNet.replacing_conv1_2(target, image_size=size)
+        init = tuple(name for name in init if name in target.TAPS)
+        freeze = ("scattering", *(name for name in freeze if name in target.TAPS))
+    model = AlexNetClassifier(target, data.num_classes, head_widths=head_widths, dropout=dropout, seed=seed)
     try:
         model.build((None, size, size, 3))
     except (ValueError, InputError) as exc:
-        raise InputError(f"image_size {size} does not fit this AlexNet: {exc}") from None
+        raise InputError(f"image_size {size} does not fit this {architecture}: {exc}") from None
     for name in init:
-        copy_layer(source, trunk, name)
+        copy_layer(source, target, name)
     for name in freeze:
-        getattr(trunk, name).trainable = False
+        for layer in _layers_of(target, name):
+            layer.trainable = False
     if front_end == "scattering":
-        scattering.adapt_on(trunk, data.train, size, batch_size)
+        scattering.adapt_on(target, data.train, size, batch_size)
 
     steps_per_epoch = math.ceil(data.train_size / batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
@@ -220,10 +240,11 @@ def finetune(
         epochs_run=len(history.epoch),
         images_seen=counter.images,
         front_end=front_end,
+        trunk=architecture,
     )
 
 
-def resolve_source(source: Any) -> tuple[AlexNet | None, str, tuple[str, ...] | None]:
+def resolve_source(source: Any) -> tuple[Trunk | None, str, tuple[str, ...] | None]:
     """(trunk or None for random, a description, the exported layers for a SavedModel else None)."""
     if source is None or (isinstance(source, str) and source.lower() == "random"):
         return None, "random", None
@@ -233,25 +254,25 @@ def resolve_source(source: Any) -> tuple[AlexNet | None, str, tuple[str, ...] | 
         if version_dir is not None:
             trunk, layers = backbone_from_export(version_dir)
             return trunk, f"export:{version_dir}", layers
-        return _alexnet(backbone_of(path), path), f"checkpoint:{path}", None
-    return _alexnet(backbone_of(source), source), type(source).__name__, None
+        return _registered_trunk(backbone_of(path), path), f"checkpoint:{path}", None
+    return _registered_trunk(backbone_of(source), source), type(source).__name__, None
 
 
-def backbone_from_export(version_dir: str | os.PathLike) -> tuple[AlexNet, tuple[str, ...]]:
-    """Rebuild the AlexNet trunk of an exported SavedModel; return it and the layers the export serves.
+def backbone_from_export(version_dir: str | os.PathLike) -> tuple[Trunk, tuple[str, ...]]:
+    """Rebuild the trunk of an exported SavedModel; return it and the layers the export serves.
 
     The export saves every variable of the trunk under its Keras path (``alexnet/conv1/conv/kernel``), and its
-    ``keras_oneimage.json`` records the variant, Sobel flag and training image size; the widths come from the kernel
-    shapes. The rebuilt trunk is checked against the export's ``serving_default`` on a random image, so a trunk
-    that cannot be rebuilt faithfully (e.g. a custom input normalisation, which lives only in the graph) is refused.
+    ``keras_oneimage.json`` records the trunk's registry name and full config (``trunk``, ``trunk_config``): any
+    registered trunk is rebuilt from them. An older export without them can only be an AlexNet, rebuilt from the
+    recorded variant, Sobel flag and training image size, with the widths read off the kernel shapes. The rebuilt
+    trunk is checked against the export's ``serving_default`` on a random image, so a trunk that cannot be rebuilt
+    faithfully (e.g. an old export's custom input normalisation, which lives only in the graph) is refused.
     """
     version_dir = pathlib.Path(version_dir)
     try:
         meta = json.loads((version_dir / EXPORT_METADATA).read_text())
     except (OSError, ValueError) as exc:
         raise InputError(f"{version_dir} has no readable {EXPORT_METADATA}: {exc}") from None
-    if meta.get("backbone") != "AlexNet":
-        raise InputError(f"{version_dir} exports a {meta.get('backbone')!r} trunk; only AlexNet can be fine-tuned")
     layers = tuple(meta.get("layers") or ())
     try:
         loaded = tf.saved_model.load(str(version_dir))
@@ -262,12 +283,8 @@ def backbone_from_export(version_dir: str | os.PathLike) -> tuple[AlexNet, tuple
     for var in getattr(loaded, "variables", ()):
         name = var.name.split(":")[0]
         saved[name.split("/", 1)[1] if "/" in name else name] = var  # drop the trunk's own name
-    try:
-        widths = [int(saved[f"{tap}/conv/kernel"].shape[-1]) for tap in TAPS]
-    except KeyError as exc:
-        raise InputError(f"{version_dir} does not hold AlexNet weights (no {exc.args[0]!r})") from None
-    size = int(meta.get("training_image_size") or 0) or max(32, int(meta.get("min_size") or 0))
-    trunk = AlexNet(meta.get("variant") or "cifar", image_size=size, sobel=bool(meta.get("sobel")), widths=widths)
+    trunk = _trunk_from_metadata(meta, saved, version_dir)
+    size = trunk.image_size
     trunk.build()
     for weight in trunk.weights:
         key = weight.path.split("/", 1)[1]
@@ -288,13 +305,14 @@ def backbone_from_export(version_dir: str | os.PathLike) -> tuple[AlexNet, tuple
     return trunk, layers
 
 
-def copy_layer(source: AlexNet, target: AlexNet, name: str) -> None:
-    """Assign the weights of tap ``name`` (conv kernel, BN scale, shift and moving statistics) from source."""
-    src, dst = getattr(source, name), getattr(target, name)
-    if not src.built:
+def copy_layer(source: Trunk, target: Any, name: str) -> None:
+    """Assign the weights of tap ``name`` (conv kernels, BN scales, shifts and moving statistics) from source."""
+    if not source.built:
         source.build()
-    pairs = list(zip(src.weights, dst.weights))
-    if len(src.weights) != len(dst.weights) or any(tuple(a.shape) != tuple(b.shape) for a, b in pairs):
+    src = [w for layer in _layers_of(source, name) for w in layer.weights]
+    dst = [w for layer in _layers_of(target, name) for w in layer.weights]
+    pairs = list(zip(src, dst))
+    if len(src) != len(dst) or any(tuple(a.shape) != tuple(b.shape) for a, b in pairs):
         raise InputError(f"layer {name} of the source does not match the classifier's trunk")
     for a, b in pairs:
         b.assign(a.numpy())
@@ -318,12 +336,50 @@ class _ImageCounter(keras.callbacks.Callback):
         self._batch += 1
 
 
-def _alexnet(backbone: Any, given: Any) -> AlexNet:
-    if not isinstance(backbone, AlexNet):
-        raise InputError(f"fine-tuning needs an AlexNet trunk; {type(given).__name__} has a {type(backbone).__name__}")
+def _registered_trunk(backbone: Any, given: Any) -> Trunk:
+    if not isinstance(backbone, Trunk):
+        raise InputError(f"fine-tuning needs a registered trunk ({', '.join(available_trunks())}); "
+                         f"{type(given).__name__} has a {type(backbone).__name__}")
+    trunk_name(backbone)  # InputError for a Trunk subclass the registry cannot name
     if not backbone.built:
         backbone.build()
     return backbone
+
+
+def _architecture(source: Trunk | None, requested: str | None) -> str:
+    """The registry name of the classifier's trunk: the source's, or ``requested`` (default alexnet) for random."""
+    if source is None:
+        trunk_class(requested)  # InputError for an unknown name
+        return DEFAULT_TRUNK if requested is None else str(requested).lower()
+    own = trunk_name(source)
+    if requested is not None and trunk_class(requested) is not trunk_class(own):
+        raise InputError(f"trunk={requested!r} but the source's trunk is {own}; omit trunk or name the source's")
+    return own
+
+
+def _layers_of(trunk: Any, name: str) -> tuple[keras.layers.Layer, ...]:
+    """The layers of tap ``name``: from the trunk's own path (:meth:`Trunk.tap_layers`). The scattering trunk of
+    Table 4 is no :class:`Trunk`: each of its taps (and the scattering) is one attribute of that name."""
+    return trunk.tap_layers(name) if isinstance(trunk, Trunk) else (getattr(trunk, name),)
+
+
+def _trunk_from_metadata(meta: dict[str, Any], saved: dict[str, Any], version_dir: pathlib.Path) -> Trunk:
+    """An unbuilt trunk of the exported architecture (see :func:`backbone_from_export`)."""
+    if meta.get("trunk") and meta.get("trunk_config"):
+        try:
+            return trunk_class(meta["trunk"]).from_config(meta["trunk_config"])
+        except (TypeError, ValueError, InputError) as exc:
+            raise InputError(f"{version_dir}: cannot rebuild its {meta['trunk']} trunk from trunk_config: "
+                             f"{exc}") from None
+    if meta.get("backbone") != "AlexNet":
+        raise InputError(f"{version_dir} exports a {meta.get('backbone')!r} trunk without a trunk_config; "
+                         "fine-tune from its model.keras checkpoint instead")
+    try:
+        widths = [int(saved[f"{tap}/conv/kernel"].shape[-1]) for tap in AlexNet.TAPS]
+    except KeyError as exc:
+        raise InputError(f"{version_dir} does not hold AlexNet weights (no {exc.args[0]!r})") from None
+    size = int(meta.get("training_image_size") or 0) or max(32, int(meta.get("min_size") or 0))
+    return AlexNet(meta.get("variant") or "cifar", image_size=size, sobel=bool(meta.get("sobel")), widths=widths)
 
 
 def _export_version_dir(path: pathlib.Path) -> pathlib.Path | None:
@@ -361,9 +417,14 @@ def _data_image_size(data: LabelledData) -> int | None:
     return int(h) if h is not None and h == w else None
 
 
-def _check_taps(label: str, names: str | Iterable[str]) -> tuple[str, ...]:
-    """The named taps in the trunk's order; none at all is allowed (``freeze=()`` trains everything)."""
-    return tuple(sorted(validation.layer_names(names, TAPS, label, allow_empty=True), key=TAPS.index))
+def _check_taps(label: str, names: str | Iterable[str], trunk: type[Trunk], architecture: str) -> tuple[str, ...]:
+    """The named taps in ``trunk``'s order; none at all is allowed (``freeze=()`` trains everything).
+
+    An unknown name is an InputError that lists the trunk's taps (e.g. conv1 asked of a ResNet-18).
+    """
+    taps = trunk.TAPS
+    names = validation.layer_names(names, taps, f"{label} (taps of the {architecture} trunk)", allow_empty=True)
+    return tuple(sorted(names, key=taps.index))
 
 
 def _number(name: str, value: Any, *, low: float, low_open: bool = False, high: float | None = None) -> float:

@@ -1,15 +1,20 @@
 """Fine-tuning on top of frozen early layers (keras_oneimage.transfer, paper Table 4)."""
+import json
+
 import numpy as np
 import keras
 import pytest
 
+from keras_oneimage import trainer
 from keras_oneimage.data.labelled import from_arrays
 from keras_oneimage.errors import InputError
 from keras_oneimage.export import export
 from keras_oneimage.methods.rotnet import RotNet
 from keras_oneimage.models.alexnet import AlexNet
 from keras_oneimage.models.classifier import AlexNetClassifier
+from keras_oneimage.models.resnet import ResNet18
 from keras_oneimage.transfer import finetune
+from tests.test_resnet import TINY as RESNET_WIDTHS, tiny_resnet
 
 WIDTHS = (8, 8, 8, 8, 8)
 FAST = {"epochs": 2, "batch_size": 16, "learning_rate": 0.05, "head_widths": (16,), "verbose": 0}
@@ -57,9 +62,10 @@ class Snapshot(keras.callbacks.Callback):
         self.after = {v.path: v.numpy().copy() for v in self.model.backbone.weights}
 
 
-def tap_of(path: str) -> str:
-    """The tap a variable path belongs to (``alexnet/conv3/bn/gamma`` → ``conv3``)."""
-    return next(part for part in path.split("/") if part in AlexNet.TAPS)
+def tap_of(path: str, taps=AlexNet.TAPS) -> str:
+    """The tap a variable path belongs to (``alexnet/conv3/bn/gamma`` → ``conv3``; ``resnet18/stage2/...`` →
+    ``stage2`` with ``ResNet18.TAPS``)."""
+    return next(part for part in path.split("/") if part in taps)
 
 
 def tap_weights(trunk, name):
@@ -147,10 +153,17 @@ def test_sources_from_a_checkpoint_dir_an_export_and_random(tmp_path):
     with pytest.raises(InputError, match="holds layers"):
         finetune(base / "1", few, freeze=("conv1", "conv3"), **FAST)
 
-    odd = tiny_trunk(4, mean=(0.1, 0.2, 0.3))  # the normalisation is not in the export's metadata
-    export(odd, tmp_path / "odd", layers=("conv1",))
+    odd = tiny_trunk(4, mean=(0.1, 0.2, 0.3))  # a custom normalisation: the export records it in trunk_config
+    version = export(odd, tmp_path / "odd", layers=("conv1",))
+    rebuilt = finetune(version, few, freeze=("conv1",), **{**FAST, "epochs": 1})
+    assert rebuilt.backbone.mean == (0.1, 0.2, 0.3)
+    # An export written before trunk_config existed: rebuilt as a default AlexNet, which the parity check refuses.
+    meta_path = version / "keras_oneimage.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("trunk_config")
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(InputError, match="does not reproduce"):
-        finetune(tmp_path / "odd", few, freeze=("conv1",), **FAST)
+        finetune(version, few, freeze=("conv1",), **FAST)
 
     random = finetune("random", few, **{**FAST, "epochs": 1, "image_size": 32})
     assert random.source == "random" and random.initialised == () and random.frozen == ("conv1", "conv2")
@@ -164,7 +177,9 @@ def test_sources_from_a_checkpoint_dir_an_export_and_random(tmp_path):
         ("trunk", "toy", {"freeze": "fc1"}, "unknown layer"),
         ("trunk", "toy", {"freeze": ("conv1", "conv1")}, "duplicates"),
         ("trunk", "toy", {"init": ("pool1",)}, "unknown layer"),
-        ("trunk", "toy", {"freeze": None}, "layer name"),
+        ("trunk", "toy", {"freeze": 3}, "layer name"),
+        ("trunk", "toy", {"trunk": "resnet18"}, "the source's trunk is alexnet"),
+        ("trunk", "toy", {"trunk": "vgg16"}, "unknown trunk"),
         ("trunk", 42, {}, "LabelledData"),
         ("trunk", "missing_path", {}, "neither 'cifar10' nor an existing path"),
         ("trunk", "one_class", {}, "at least 2"),
@@ -195,3 +210,63 @@ def test_bad_inputs_raise_input_error(toy, tmp_path, source, data_kind, options,
         data = data_kind
     with pytest.raises(InputError, match=message):
         finetune(source, data, **{**FAST, **options})
+
+
+# ------------------------------------------------------------------------------------------------------- ResNet-18
+@pytest.fixture(scope="module")
+def resnet_run(photo_path, tmp_path_factory):
+    """A tiny ResNet-18 RotNet trained a few steps by the training core (as ``fit``); its output dir."""
+    out = tmp_path_factory.mktemp("resnet_rotnet") / "run"
+    run = trainer.prepare_run(str(photo_path), "rotnet", image_size=32, batch_size=8, epochs=1, steps_per_epoch=3,
+                              widths=RESNET_WIDTHS, trunk="resnet18")
+    trainer.train(run, output_dir=out, verbose=0)
+    return out
+
+
+def test_resnet_checkpoint_finetunes_with_its_stem_and_stage1_frozen(resnet_run, toy):
+    source = keras.saving.load_model(resnet_run / "model.keras").backbone
+    in_trunk = lambda path: path.split("resnet18/", 1)[1]  # a path below the trunk, whatever model holds it
+    original = {in_trunk(v.path): v.numpy().copy() for v in source.weights}
+    snap = Snapshot()
+    result = finetune(resnet_run, toy, callbacks=[snap], **FAST)  # default freeze: the trunk's early taps
+
+    assert result.trunk == "resnet18" and isinstance(result.backbone, ResNet18)
+    assert result.frozen == ResNet18.early_taps() == ("stem", "stage1") and result.initialised == result.frozen
+    assert result.as_dict()["trunk"] == "resnet18"
+    frozen_paths = [p for p in snap.before if tap_of(p, ResNet18.TAPS) in result.frozen]
+    assert any("stage1/block2/conv2" in p for p in frozen_paths)  # every block of stage1, not just its first layer
+    for path, before in snap.before.items():
+        if tap_of(path, ResNet18.TAPS) in result.frozen:
+            np.testing.assert_array_equal(before, original[in_trunk(path)], err_msg=path)  # copied ...
+            np.testing.assert_array_equal(snap.after[path], before, err_msg=path)  # ... and never changed
+        elif path.endswith(("kernel", "moving_mean", "moving_variance")):
+            assert not np.array_equal(snap.after[path], before), f"{path} did not train"
+    assert result.history["loss"][-1] < result.history["loss"][0]
+    assert result.test_accuracy >= 0.75  # chance is 0.5
+
+
+def test_resnet_export_and_random_resnet_sources(resnet_run, toy, tmp_path):
+    method = keras.saving.load_model(resnet_run / "model.keras")
+    version = export(method, tmp_path / "exported", layers=ResNet18.early_taps())
+    one_epoch = {**FAST, "epochs": 1}
+    from_export = finetune(version, toy, **one_epoch)
+    assert from_export.trunk == "resnet18" and from_export.backbone.widths == RESNET_WIDTHS
+    for name in ("stem", "stage1"):
+        for got, want in zip(from_export.backbone.get_layer(name).weights, method.backbone.get_layer(name).weights):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+    with pytest.raises(InputError, match="holds layers"):  # stage2 was not exported
+        finetune(version, toy, freeze=("stem", "stage2"), **one_epoch)
+
+    x = np.random.default_rng(6).random((4, 32, 32, 3), dtype=np.float32)
+    few = from_arrays(x, np.arange(4) % 2, x, np.arange(4) % 2, val_fraction=0.0)
+    random = finetune("random", few, trunk="resnet18", image_size=32, **one_epoch)
+    assert random.trunk == "resnet18" and random.initialised == () and random.frozen == ("stem", "stage1")
+    assert isinstance(random.backbone, ResNet18) and random.backbone.variant == "cifar"
+
+
+def test_a_tap_the_resnet_does_not_have_is_refused_listing_its_taps(toy):
+    for options in ({"freeze": ("conv1", "conv2")}, {"init": ("stage1", "conv3")}):
+        with pytest.raises(InputError, match=r"resnet18 trunk.*choose from stem, stage1, stage2, stage3, stage4"):
+            finetune(tiny_resnet(), toy, **FAST, **options)
+    with pytest.raises(InputError, match="scattering front end replaces an AlexNet"):
+        finetune(tiny_resnet(), toy, front_end="scattering", **FAST)

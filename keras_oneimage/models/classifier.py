@@ -1,4 +1,8 @@
-"""The classifier built on an AlexNet trunk: the fine-tuned model of Table 4 and the supervised reference trunk."""
+"""The classifier built on a trunk: the fine-tuned model of Table 4 and the supervised reference trunk.
+
+Named for the paper's AlexNet (the name is what saved ``.keras`` classifiers record); any registered trunk works,
+e.g. a ResNet-18, whose ``call`` output (the global average pool of stage4) the head flattens likewise.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,9 +15,10 @@ from keras_oneimage.models.heads import check_head_widths, default_head_widths
 
 @keras.saving.register_keras_serializable(package="keras_oneimage")
 class AlexNetClassifier(keras.Model):
-    """An AlexNet trunk and a classifier head: flatten → [dropout → dense → BN → ReLU] per width → dense logits.
+    """A trunk and a classifier head: flatten → [dropout → dense → BN → ReLU] per width → dense logits.
 
-    ``call`` returns float32 logits ``(B, num_classes)``. ``backbone`` is the trunk (an :class:`AlexNet`).
+    ``call`` returns float32 logits ``(B, num_classes)``. ``backbone`` is the trunk (an :class:`AlexNet`, a
+    ResNet-18, or the scattering trunk of Table 4).
     """
 
     def __init__(

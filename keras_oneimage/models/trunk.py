@@ -54,6 +54,25 @@ class Trunk(keras.Model):
         """Layers ``call`` applies after the last tap (a final pooling)."""
         return ()
 
+    @classmethod
+    def early_taps(cls) -> tuple[str, ...]:
+        """The trunk's "early layers": its first two taps, the analogue of the paper's conv1-conv2.
+
+        Asano et al. (ICLR 2020) find that one image suffices to learn conv1-conv2 of an AlexNet; this is the block
+        their fine-tuning experiment (Table 4) freezes. AlexNet: ``conv1``, ``conv2``; ResNet-18: ``stem``,
+        ``stage1`` (the stem and the first stage run at the stem's resolution, before any stage downsamples).
+        """
+        return cls.TAPS[:2]
+
+    def tap_layers(self, name: str) -> tuple[keras.layers.Layer, ...]:
+        """The layers the path runs from the previous tap up to tap ``name`` (a pooling, then the tap's block).
+
+        Copying or freezing a tap means these layers: whatever holds weights between two taps belongs to the later
+        one. InputError for a name that is not one of ``TAPS``.
+        """
+        (name,) = validation.layer_names(name, self.TAPS, "tap")
+        return dict(self._tap_path())[name]
+
     # ------------------------------------------------------------------------------------------------ forward
     def preprocess(self, x):
         """[0, 1] RGB → normalised input of the first layer (and Sobel gradients when ``sobel``)."""
@@ -79,12 +98,12 @@ class Trunk(keras.Model):
         training: bool = False,
         dtype: str | None = "float32",
     ) -> dict:
-        """The requested taps (``None``: the first two) from one forward pass that stops after the deepest of them.
+        """The requested taps (``None``: :meth:`early_taps`) from one forward pass that stops after the deepest of them.
 
         ``dtype`` casts the taps (default float32, so probes get float32 even under a mixed-precision policy);
         ``None`` keeps the compute dtype.
         """
-        names = validation.layer_names(self.TAPS[:2] if layers is None else layers, self.TAPS)
+        names = validation.layer_names(self.early_taps() if layers is None else layers, self.TAPS)
         deepest = max(self.TAPS.index(n) for n in names)
         out = {}
         x = self.preprocess(x)
