@@ -1,9 +1,11 @@
 """The paper's CIFAR-10 linear-probe table (Asano et al., ICLR 2020, Table 2 / Fig. 2) at a CPU scale.
 
 Rows: RotNet, DeepCluster, BiGAN and Jigsaw trained from Image A and from Image B (``../shared/data/images``), a random
-trunk, and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
+trunk, RotNet from Image A on a ResNet-18 trunk (``rotnet_a_resnet18``, issue #18: does the finding hold for a
+stronger CNN?), and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
 on the CIFAR-10 train labels until validation accuracy stops improving). Every row is probed with one named
-protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps in one pass, on CIFAR-10 (JPEG):
+protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps of its trunk in one pass (the
+AlexNet's conv1 … conv5, the ResNet-18's stem, stage1 … stage4), on CIFAR-10 (JPEG):
 the probes train on the train split minus val (45,000 images; ``--max_per_class`` subsamples for quick runs) and
 are scored on val (where choices are made) and on all 10,000 test images (what is reported).
 
@@ -11,7 +13,10 @@ Training length is a **fixed step count per method** (``--steps``; by default :d
 method made in 30 minutes), so a rerun does the same work whatever the machine's load; ``--train_minutes`` is a
 legacy wall-clock budget (0: off). Each (row, seed) runs once and writes ``<out>/<row>__s<seed>.json``; rerunning
 skips finished ones (and resumes a half-trained method run from its last epoch), so the table is built in parts.
-``--report`` turns the JSON files into a RESULTS.md section (mean ± spread over seeds) and the figures.
+``--report`` turns the JSON files into a RESULTS.md section (mean ± spread over seeds) and the figures. The
+ResNet-18 rows get their own small table under the AlexNet one: their taps are not the AlexNet's, and are not put
+in its conv1 … conv5 columns (stem + stage1 are the analogue of conv1-conv2, the layers run before the first
+downsampling stage; deeper taps have no layer-for-layer counterpart).
 
     python experiments/paper_table.py --rows rotnet_a --seeds 0,1                 # one row, two seeds
     python experiments/paper_table.py --rows all                                  # everything (many hours on 2 cores)
@@ -34,7 +39,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 REPO = HERE.parent
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
-TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")  # the AlexNet's: the main table's columns
 
 ROWS = {
     "rotnet_a": ("rotnet", "image_a.jpg"),
@@ -51,6 +56,10 @@ ROWS = {
 #: The N-image curve (issue #18): RotNet from N CIFAR-10 train images scaled up, at the same step count.
 N_IMAGE_ROWS = {f"rotnet_n{n}": n for n in (1, 10, 100, 1000)}
 ROWS.update({row: ("rotnet", f"{n} CIFAR-10 train images") for row, n in N_IMAGE_ROWS.items()})
+#: Rows on another trunk than the paper's AlexNet (issue #18): the same method, image and step count as their
+#: AlexNet row, the trunk named in ``keras_oneimage.models.registry``.
+TRUNK_ROWS = {"rotnet_a_resnet18": "resnet18"}
+ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg")})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4
@@ -63,6 +72,11 @@ CIFAR_SOURCE_UPSCALE = 4
 JIGSAW_STEP_TIME_RATIO = 2.09
 STEPS_30MIN = {"rotnet": 1500, "deepcluster": 1800, "bigan": 2400}
 STEPS_30MIN["jigsaw"] = int(round(STEPS_30MIN["rotnet"] / JIGSAW_STEP_TIME_RATIO, -2))
+
+
+def row_trunk(row: str) -> str:
+    """The registry name of the trunk ``row`` trains: the AlexNet unless :data:`TRUNK_ROWS` says otherwise."""
+    return TRUNK_ROWS.get(row, "alexnet")
 
 
 def method_image_size(method: str, image_size: int) -> int:
@@ -143,10 +157,11 @@ def _row_command(row: str, seed: int, args: argparse.Namespace) -> str:
 
 
 def _probe_both_splits(backbone, data, args) -> dict[str, dict[str, float]]:
-    """Probes trained once, scored on val (where choices are made) and test (what is reported)."""
+    """Probes of every tap of the trunk, trained once, scored on val (where choices are made) and test (what is
+    reported)."""
     from keras_oneimage.probes import probe_splits
 
-    options = {"epochs": args.probe_epochs, "seed": args.seed, "verbose": 0, "layers": TAPS,
+    options = {"epochs": args.probe_epochs, "seed": args.seed, "verbose": 0, "layers": backbone.TAPS,
                "augment": bool(args.probe_augment), "protocol": args.protocol, "image_size": args.image_size}
     if args.probe_lr is not None:
         options["learning_rate"] = args.probe_lr
@@ -186,7 +201,8 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = pathlib.Path(args.out) / f"{row}__s{seed}"
     variant = "cifar" if args.image_size < 128 else "imagenet"
     record = {"row": row, "method": method or "random", "image": image_name, "image_size": args.image_size,
-              "seed": seed, "protocol": args.protocol, "command": _row_command(row, seed, args)}
+              "seed": seed, "protocol": args.protocol, "command": _row_command(row, seed, args),
+              "trunk": row_trunk(row)}
     start = time.monotonic()
     if method is None:
         keras.utils.set_random_seed(seed)
@@ -220,6 +236,7 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
             batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
             steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
             callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,
+            trunk=row_trunk(row),
         )
         backbone = model.backbone
         record.update(train_seconds_last_session=time.monotonic() - start, steps=steps,
@@ -252,8 +269,8 @@ def run_rows(args: argparse.Namespace) -> None:
             print(f"[{row} seed {seed}] training ...", flush=True)
             args.seed = seed
             record, backbone = train_row(row, seed, args)
-            print(f"[{row} seed {seed}] probing conv1..conv5 ({args.protocol}, {args.probe_epochs} epochs) ...",
-                  flush=True)
+            print(f"[{row} seed {seed}] probing {','.join(backbone.TAPS)} ({args.protocol}, {args.probe_epochs} "
+                  "epochs) ...", flush=True)
             t0 = time.monotonic()
             record["probe"] = _probe_both_splits(backbone, data, args)
             record.update(probe_seconds=time.monotonic() - t0, probe_epochs=args.probe_epochs,
@@ -261,7 +278,9 @@ def run_rows(args: argparse.Namespace) -> None:
                           cifar_train_images=data.train_size, cifar_test_images=data.test_size)
             backbone.save_weights(str(out / f"{row}__s{seed}.weights.h5"))
             # conv1 alone (tens of kB) is kept beside the record, so the Fig. 3 panel survives the weights' cache
-            np.savez(records / f"{row}__s{seed}.conv1.npz", kernel=np.asarray(backbone.get_layer("conv1").conv.kernel),
+            # (a ResNet's first conv is its stem's: kept too, though the AlexNet panel does not show it)
+            first = backbone.get_layer(backbone.TAPS[0]).conv.kernel
+            np.savez(records / f"{row}__s{seed}.conv1.npz", kernel=np.asarray(first),
                      sobel=bool(getattr(backbone, "sobel", False)))
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(record, indent=2))
@@ -304,8 +323,11 @@ def report(args: argparse.Namespace) -> str:
     if curve:
         report_n_images(curve, records.get("supervised"), args)
     records = {row: recs for row, recs in records.items() if row not in N_IMAGE_ROWS}
+    other_trunks = {row: recs for row, recs in records.items() if row in TRUNK_ROWS}
+    records = {row: recs for row, recs in records.items() if row not in TRUNK_ROWS}
+    trunk_section = report_other_trunks(other_trunks, records, args) if other_trunks else ""
     if not records:
-        return "only N-image rows are finished; the table section waits for its rows"
+        return trunk_section or "only N-image rows are finished; the table section waits for its rows"
     name = args.section
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -354,6 +376,45 @@ def report(args: argparse.Namespace) -> str:
         lines.append(f"- `{row}`: `{command}`")
     lines += ["", f"![per-layer accuracy](figures/{name}_layers.png)", "",
               f"![conv1 filters](figures/{name}_conv1.png)", "", f"<!-- {name}:end -->"]
+    section = "\n".join(lines)
+    _write_section(args, name, section)
+    return section
+
+
+def report_other_trunks(rows: dict[str, list[dict]], alexnet_rows: dict[str, list[dict]],
+                        args: argparse.Namespace) -> str:
+    """RESULTS.md section of the rows on another trunk (:data:`TRUNK_ROWS`): their own taps as columns, and the
+    AlexNet row with the same method and image beside each, for reference. No figure: the per-layer plot's axis is
+    the AlexNet's conv1 … conv5."""
+    name = f"{args.section}_other_trunks"
+    lines = [f"<!-- {name}:start -->",
+             f"### Other trunks: test accuracy per tap, {args.protocol} protocol, {args.image_size} px "
+             "(mean ± spread over seeds)", "",
+             "Each row's columns are its own trunk's taps, in forward order. ResNet-18's stem + stage1 are the "
+             "analogue of the AlexNet's conv1-conv2 (the layers before the first downsampling stage); stage2 … "
+             "stage4 have no layer-for-layer AlexNet counterpart, so the two trunks are compared row by row, "
+             "not column by column.", ""]
+    for row, recs in rows.items():
+        taps = list(recs[0]["probe"]["test"])  # the record keeps its trunk's taps in forward order
+        twin = next((r for r in alexnet_rows if ROWS[r] == ROWS[row] and r not in TRUNK_ROWS), None)
+        lines += [f"| row | trunk | seeds | {' | '.join(taps)} | steps | patches |",
+                  "| --- | --- | ---: |" + " ---: |" * (len(taps) + 2)]
+        seeds = ",".join(str(r["seed"]) for r in recs)
+        lines.append(f"| {row} | {recs[0].get('trunk', TRUNK_ROWS[row])} | {seeds} | "
+                     + " | ".join(_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in taps)
+                     + f" | {recs[0].get('steps', '')} | {recs[0].get('patches', 0):,} |")
+        if twin:
+            twin_recs = alexnet_rows[twin]
+            lines += ["", f"Same method, image and steps on the AlexNet (`{twin}`): "
+                      + ", ".join(f"{k} {_mean_spread([100 * r['probe']['test'][k] for r in twin_recs])}"
+                                  for k in TAPS) + "."]
+        lines.append("")
+    lines += ["Commands that reproduce each row:", ""]
+    for row, recs in rows.items():
+        seeds = ",".join(str(r["seed"]) for r in recs)
+        command = recs[0]["command"].replace(f"--seeds {recs[0]['seed']}", f"--seeds {seeds}")
+        lines.append(f"- `{row}`: `{command}`")
+    lines += ["", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
     _write_section(args, name, section)
     return section

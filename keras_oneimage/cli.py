@@ -209,8 +209,11 @@ def _finetune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("source", None, "Where the frozen layers come from: a model.keras, a fit output_dir, an "
                         "exported model (base dir or version dir), or 'random'.", flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "'cifar10' or a class-folder tree with train/ and test/.", flag_values=fv)
-    flags.DEFINE_string("freeze", "conv1,conv2", "Comma-separated taps kept frozen ('' trains everything).",
+    flags.DEFINE_string("freeze", None, "Comma-separated taps kept frozen ('' trains everything; default: the "
+                        "trunk's early layers, conv1,conv2 of an AlexNet, stem,stage1 of a ResNet-18).",
                         flag_values=fv)
+    flags.DEFINE_string("trunk", None, "Architecture of a --source=random trunk: alexnet (default) or resnet18; "
+                        "other sources bring their own.", flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Training epochs (cosine learning-rate decay over all of them).", flag_values=fv)
     flags.DEFINE_integer("batch_size", 128, "Batch size.", flag_values=fv)
     flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9).", flag_values=fv)
@@ -219,9 +222,10 @@ def _finetune_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("max_minutes", None, "Wall-clock budget: stop training after this many minutes.",
                        flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
-    flags.DEFINE_enum("front_end", "alexnet", ["alexnet", "scattering"], "In place of conv1-2: the source's AlexNet "
-                      "layers, or a fixed scattering transform (J=2, L=8; needs keras-oneimage[scattering]) with "
-                      "the rest of the same AlexNet trained on it (paper Table 4).", flag_values=fv)
+    flags.DEFINE_enum("front_end", "alexnet", ["alexnet", "scattering"], "In place of the early layers: the "
+                      "source's own (any trunk), or a fixed scattering transform (J=2, L=8; needs "
+                      "keras-oneimage[scattering]) with the rest of the same AlexNet trained on it (paper Table 4).",
+                      flag_values=fv)
     flags.DEFINE_string("output", None, "Write the result summary (accuracies, history) as JSON here.",
                         flag_values=fv)
     flags.DEFINE_string("save", None, "Save the trained classifier as a .keras file here.", flag_values=fv)
@@ -243,7 +247,7 @@ def _finetune(fv: flags.FlagValues) -> int:
     result = finetune(
         fv.source,
         fv.dataset,
-        freeze=_split_list(fv.freeze),
+        freeze=None if fv.freeze is None else _split_list(fv.freeze),
         epochs=fv.epochs,
         batch_size=fv.batch_size,
         learning_rate=fv.learning_rate,
@@ -253,6 +257,7 @@ def _finetune(fv: flags.FlagValues) -> int:
         callbacks=callbacks,
         verbose=2,
         front_end=fv.front_end,
+        trunk=fv.trunk,
     )
     val = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
     print(f"frozen {','.join(result.frozen) or 'nothing'} from {result.source}: "

@@ -270,3 +270,19 @@ def test_a_tap_the_resnet_does_not_have_is_refused_listing_its_taps(toy):
             finetune(tiny_resnet(), toy, **FAST, **options)
     with pytest.raises(InputError, match="scattering front end replaces an AlexNet"):
         finetune(tiny_resnet(), toy, front_end="scattering", **FAST)
+
+
+def test_cli_finetune_takes_a_resnet_checkpoint_and_freezes_its_early_taps(resnet_run, cifar_like_tree, tmp_path,
+                                                                          capsys):
+    from keras_oneimage import cli
+
+    summary = tmp_path / "summary.json"
+    rc = cli.main(["keras-oneimage", "finetune", f"--source={resnet_run}", f"--dataset={cifar_like_tree}",
+                   "--epochs=1", "--batch_size=16", f"--output={summary}"])
+    assert rc == 0
+    out = json.loads(summary.read_text())
+    assert out["trunk"] == "resnet18" and out["frozen"] == ["stem", "stage1"] and out["epochs_run"] == 1
+    assert "frozen stem,stage1 from checkpoint:" in capsys.readouterr().out
+    rc = cli.main(["keras-oneimage", "finetune", f"--source={resnet_run}", f"--dataset={cifar_like_tree}",
+                   "--freeze=conv1,conv2"])
+    assert rc == 2 and "choose from stem, stage1, stage2, stage3, stage4" in capsys.readouterr().err
