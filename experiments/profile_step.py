@@ -230,7 +230,7 @@ def _clip(intervals, windows):
 
 
 def _self_times(events):
-    """Each op event's duration minus the op events nested inside it on the same thread (a function-call op)."""
+    """Each op event of one thread: its duration minus the op events nested inside it (a function-call op)."""
     result = []
     stack: list[list] = []  # [end, index into result]
     for start, end, node, op_type in sorted(events, key=lambda e: (e[0], -e[1])):
@@ -273,10 +273,10 @@ def breakdown(space, optimizer_scopes: set[str], steps: int) -> dict:
             match = OP_EVENT.match(name)
             if match:
                 ops.append((s, e, match.group(1), match.group(2)))
-        if ops:
-            step_ops += ops
-            union_ops += [(s, e) for s, e, _, _ in ops]
-    for node, op_type, self_ps in _self_times(step_ops):
+        # nesting only means something within one thread: ops on other threads overlap in time, not in calls
+        step_ops += _self_times(ops)
+        union_ops += [(s, e) for s, e, _, _ in ops]
+    for node, op_type, self_ps in step_ops:
         totals[categorize(node, op_type, optimizer_scopes)] += self_ps
         short = re.sub(r"^(StatefulPartitionedCall/)+", "", node)
         per_op[(short, kernel_type(op_type))] += self_ps
