@@ -347,18 +347,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.method == "deepcluster":
         options["pool_size"] = args.pool_size
     if args.quick:
-        args.size, args.batch, args.steps, args.warmup = 32, 2, 2, 1
+        # Jigsaw cuts a patch into 3x3 tiles, and the smallest AlexNet takes 16 px tiles
+        args.size = 64 if args.method == "jigsaw" else 32
+        args.batch, args.steps, args.warmup = 2, 2, 1
         widths = TINY_WIDTHS
         options.update(quick_options(args.method))
-    if args.method == "jigsaw" and args.size < 96:
-        raise SystemExit("Jigsaw needs patches of at least 96 px (3x3 tiles of 32 px); use --size 96 or more")
 
     import tensorflow as tf
 
+    from keras_oneimage.errors import InputError
+
     load_before = os.getloadavg()
     build_start = time.perf_counter()
-    runner = MethodStep(args.method, size=args.size, batch=args.batch, precision=args.precision, widths=widths,
-                        method_options=options, image=args.image, pipeline=args.pipeline)
+    try:
+        runner = MethodStep(args.method, size=args.size, batch=args.batch, precision=args.precision, widths=widths,
+                            method_options=options, image=args.image, pipeline=args.pipeline)
+    except InputError as exc:  # a size the method's trunk cannot take, bad options: fit's own message
+        raise SystemExit(str(exc)) from None
     for i in range(args.warmup):
         runner.step(i)
     runner.loss()
@@ -369,23 +374,23 @@ def main(argv: list[str] | None = None) -> dict:
           f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = TF's choice); build + {args.warmup} "
           f"warm-up steps {warm_s:.1f}s; load average {load_before[0]:.2f}", flush=True)
 
-    logdir = args.logdir or tempfile.mkdtemp(prefix="profile_step_")
-    inside_s, outside_s = 0.0, 0.0
-    tf.profiler.experimental.start(logdir)
-    try:
-        for i in range(args.steps):
-            start = time.perf_counter()
-            with tf.profiler.experimental.Trace(STEP_EVENT, step_num=i, _r=1):
-                inside = runner.step(args.warmup + i)
-            inside_s += inside
-            outside_s += time.perf_counter() - start - inside
-    finally:
-        tf.profiler.experimental.stop()
-    loss = runner.loss()
-    if loss != loss:
-        raise SystemExit("the loss became NaN")
-
-    result = breakdown(load_xspace(logdir), runner.optimizer_scopes(), args.steps)
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as scratch:
+        logdir = args.logdir or scratch  # without --logdir the trace is read and deleted
+        inside_s, outside_s = 0.0, 0.0
+        tf.profiler.experimental.start(logdir)
+        try:
+            for i in range(args.steps):
+                start = time.perf_counter()
+                with tf.profiler.experimental.Trace(STEP_EVENT, step_num=i, _r=1):
+                    inside = runner.step(args.warmup + i)
+                inside_s += inside
+                outside_s += time.perf_counter() - start - inside
+        finally:
+            tf.profiler.experimental.stop()
+        loss = runner.loss()
+        if loss != loss:
+            raise SystemExit("the loss became NaN")
+        result = breakdown(load_xspace(logdir), runner.optimizer_scopes(), args.steps)
     result["outside_train_function_ms"] = 1e3 * outside_s / args.steps
     result.update(method=args.method, size=args.size, batch=args.batch, precision=runner.run.precision,
                   variant=runner.run.variant, widths=list(widths), options={k: list(v) if isinstance(v, tuple) else v
