@@ -27,7 +27,7 @@ Variant names (``--variants``, comma-separated):
                      the background) instead of one fixed random batch
       -kbn           stock ``keras.layers.BatchNormalization`` instead of our ``FusedBatchNormalization``
                      (the lever's before/after)
-      -kerassgd      ``keras.optimizers.SGD`` with the method's arguments instead of its default ``FusedSGD``
+      -fusedsgd      ``keras_oneimage.optimizers.FusedSGD`` with the method's SGD arguments instead of Keras's SGD
                      (the lever's before/after)
   torch[-bf16][-cl][-compile]                       the PyTorch step on one fixed random batch
       -bf16          ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass
@@ -40,7 +40,7 @@ variant). ``--accuracy`` instead trains float32 and mixed_bfloat16 RotNets and c
 accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
 
     .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--steps 3]
-        [--variants keras-bf16,keras-bf16-kerassgd,torch-bf16-cl,torch-bf16-cl-compile] [--threads INTRA,INTER] [--torch-threads N]
+        [--variants keras-bf16,keras-bf16-fusedsgd,torch-bf16-cl,torch-bf16-cl-compile] [--threads INTRA,INTER] [--torch-threads N]
         [--no-memory] [--json out.json] [--quick]
     .venv/bin/python experiments/bench_train.py --accuracy [--sizes 64] [--batch 32] [--accuracy-steps 240]
 """
@@ -78,7 +78,7 @@ def parse_variant(name: str) -> dict:
     if framework not in ("keras", "torch"):
         raise ValueError(f"variant {name!r}: must start with 'keras' or 'torch'")
     spec = {"name": name, "framework": framework, "precision": "fp32", "jit": None, "spe": None, "pipe": False,
-            "channels_last": False, "keras_bn": False, "keras_sgd": False, "compile": False}
+            "channels_last": False, "keras_bn": False, "fused_sgd": False, "compile": False}
     for tok in tokens[1:]:
         if tok in ("fp32", "bf16"):
             spec["precision"] = tok
@@ -90,8 +90,8 @@ def parse_variant(name: str) -> dict:
             spec["pipe"] = True
         elif tok == "kbn" and framework == "keras":
             spec["keras_bn"] = True
-        elif tok == "kerassgd" and framework == "keras":
-            spec["keras_sgd"] = True
+        elif tok == "fusedsgd" and framework == "keras":
+            spec["fused_sgd"] = True
         elif tok == "cl" and framework == "torch":
             spec["channels_last"] = True
         elif tok == "compile" and framework == "torch":
@@ -151,8 +151,10 @@ class KerasStep:
         if spec["spe"] is not None:
             compile_kw["steps_per_execution"] = spec["spe"]
         optimizer = model.default_optimizer()
-        if spec["keras_sgd"]:  # the fused-update lever's "before": Keras's SGD with the same arguments
-            optimizer = keras.optimizers.SGD.from_config(optimizer.get_config())
+        if spec["fused_sgd"]:  # the fused-update lever: FusedSGD with the method's SGD arguments
+            from keras_oneimage.optimizers import FusedSGD
+
+            optimizer = FusedSGD.from_config(optimizer.get_config())
         self.optimizer_name = type(optimizer).__name__
         model.compile(optimizer=optimizer, **compile_kw)
         model(tf.zeros((1, size, size, 3)), training=False)  # build every weight

@@ -92,11 +92,3 @@ def test_config_and_model_keras_round_trip(tmp_path):
     for a, b in zip(loaded.optimizer.variables, slots):
         np.testing.assert_array_equal(a.numpy(), b)
 
-
-def test_methods_default_to_fused_sgd():
-    from keras_oneimage.methods.rotnet import RotNet
-    from keras_oneimage.models import AlexNet
-
-    optimizer = RotNet(AlexNet("cifar", 32, widths=(8, 8, 8, 8, 8)), head_widths=(8,)).default_optimizer()
-    assert isinstance(optimizer, FusedSGD) and isinstance(optimizer, keras.optimizers.SGD)
-    assert (optimizer.momentum, optimizer.weight_decay) == (0.9, 5e-4)

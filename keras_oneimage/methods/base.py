@@ -8,8 +8,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_oneimage.optimizers import FusedSGD
-
 
 @dataclasses.dataclass
 class FitContext:
@@ -82,7 +80,7 @@ class SelfSupervisedMethod(keras.Model):
 
     def default_optimizer(self) -> keras.optimizers.Optimizer | dict:
         """Optimizer used when `fit` is not given one (methods with several players return their own)."""
-        return FusedSGD(learning_rate=0.05, momentum=0.9)
+        return keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
 
     def method_callbacks(self, context: FitContext) -> list[keras.callbacks.Callback]:
         """Extra callbacks the method needs during `fit` (e.g. DeepCluster's re-clustering). Default: none."""

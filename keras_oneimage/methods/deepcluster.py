@@ -42,7 +42,6 @@ from keras_oneimage.methods import kmeans as kmeans_lib
 from keras_oneimage.methods.base import FitContext, SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
 from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
-from keras_oneimage.optimizers import FusedSGD
 
 #: Clusters. Caron et al. use k = 10,000 for 1.28M ImageNet images (≈128 images per cluster, §5.1 finds
 #: over-segmentation helps). The default pool of 10,000 patches with k = 100 keeps ≈100 patches per cluster.
@@ -173,7 +172,7 @@ class DeepCluster(SelfSupervisedMethod):
 
     def default_optimizer(self) -> keras.optimizers.Optimizer:
         """SGD, lr 0.05, momentum 0.9, weight decay 1e-5 (Caron et al. 2018, §4 "Implementation details")."""
-        return FusedSGD(learning_rate=0.05, momentum=0.9, weight_decay=1e-5)
+        return keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=1e-5)
 
     def build(self, input_shape=None):
         size = getattr(self.backbone, "image_size", None)

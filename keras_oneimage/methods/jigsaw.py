@@ -28,7 +28,6 @@ from keras_oneimage.errors import InputError
 from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
 from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
-from keras_oneimage.optimizers import FusedSGD
 
 GRID = 3
 NUM_TILES = GRID * GRID
@@ -375,7 +374,7 @@ class Jigsaw(SelfSupervisedMethod):
     def default_optimizer(self) -> keras.optimizers.Optimizer:
         """SGD with momentum 0.9 and weight decay 5e-4 (Noroozi & Favaro §4 train with SGD from lr 0.01 without
         BatchNorm; with BatchNorm this trunk takes the 0.05 the other methods use)."""
-        return FusedSGD(learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+        return keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
 
     # ------------------------------------------------------------------------------------------------ training
     def _step_seed(self, stream: int) -> tf.Tensor:

@@ -15,7 +15,6 @@ import tensorflow as tf
 from keras_oneimage.methods.base import SelfSupervisedMethod, unpack_patches
 from keras_oneimage.methods.registry import register
 from keras_oneimage.models.heads import check_head_widths, default_head_widths, mlp_head
-from keras_oneimage.optimizers import FusedSGD
 
 NUM_ROTATIONS = 4
 __all__ = ["NUM_ROTATIONS", "RotNet", "rotate_batch", "rotation_loss"]
@@ -70,7 +69,7 @@ class RotNet(SelfSupervisedMethod):
 
     def default_optimizer(self) -> keras.optimizers.Optimizer:
         """SGD with momentum 0.9 and weight decay 5e-4 (Gidaris et al. 2018, §3); a smaller lr for small batches."""
-        return FusedSGD(learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+        return keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
 
     def _step(self, data, training: bool):
         inputs, labels = rotate_batch(unpack_patches(data))
