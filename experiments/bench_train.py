@@ -10,7 +10,9 @@ Rates count **rotated images** (4 per patch, ``4B`` per step) per second. Each v
 XLA compilation, oneDNN primitive caches), then timed windows of a few steps alternate between the variants
 (round robin, so a change in machine load hits every variant alike); a rate is the median over windows. Two
 ratios are printed per variant: the ratio of the medians, and the median of the per-round ratios (each window
-against the PyTorch window of the same round), which is the more robust one on a shared machine.
+against the reference's window of the same round), which is the more robust one on a shared machine. The
+reference ("peer best") is the fastest PyTorch variant that ran (highest median rate); by default the PyTorch
+variants include its best CPU setting, bf16 autocast + channels_last, eager and under ``torch.compile``.
 
 Peak memory is the peak RSS (``VmHWM``) of a separate child process per variant that imports only that
 framework and runs the warm-up and a few steps (tracemalloc does not see TensorFlow's allocator).
@@ -25,16 +27,20 @@ Variant names (``--variants``, comma-separated):
                      the background) instead of one fixed random batch
       -kbn           stock ``keras.layers.BatchNormalization`` instead of our ``FusedBatchNormalization``
                      (the lever's before/after)
-  torch[-bf16][-cl]                                 the PyTorch eager step on one fixed random batch
+      -fusedsgd      ``keras_oneimage.optimizers.FusedSGD`` with the method's SGD arguments instead of Keras's SGD
+                     (the lever's before/after)
+  torch[-bf16][-cl][-compile]                       the PyTorch step on one fixed random batch
       -bf16          ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass
       -cl            ``channels_last`` memory format
+      -compile       ``torch.compile`` of the whole step (forward, loss, backward, SGD); where it fails on this
+                     machine the variant is reported as failed and skipped
 
 Without PyTorch installed the ``torch`` variants are skipped (ratios are then printed against the first
 variant). ``--accuracy`` instead trains float32 and mixed_bfloat16 RotNets and compares their linear-probe
 accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
 
     .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--steps 3]
-        [--variants keras-fp32,keras-bf16,keras-bf16-pipe,torch] [--threads INTRA,INTER] [--torch-threads N]
+        [--variants keras-bf16,keras-bf16-fusedsgd,torch-bf16-cl,torch-bf16-cl-compile] [--threads INTRA,INTER] [--torch-threads N]
         [--no-memory] [--json out.json] [--quick]
     .venv/bin/python experiments/bench_train.py --accuracy [--sizes 64] [--batch 32] [--accuracy-steps 240]
 """
@@ -60,7 +66,7 @@ DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "images" / "image_a.jpg"
 NUM_ROTATIONS = 4
 PAPER_WIDTHS = (96, 256, 384, 384, 256)
 TINY_WIDTHS = (8, 16, 24, 24, 16)
-DEFAULT_VARIANTS = "keras-fp32,keras-bf16,keras-bf16-pipe,torch"
+DEFAULT_VARIANTS = "keras-fp32,keras-bf16,keras-bf16-pipe,torch,torch-bf16-cl,torch-bf16-cl-compile"
 QUICK_VARIANTS = "keras-fp32,keras-bf16-pipe,torch"
 
 
@@ -72,7 +78,7 @@ def parse_variant(name: str) -> dict:
     if framework not in ("keras", "torch"):
         raise ValueError(f"variant {name!r}: must start with 'keras' or 'torch'")
     spec = {"name": name, "framework": framework, "precision": "fp32", "jit": None, "spe": None, "pipe": False,
-            "channels_last": False, "keras_bn": False}
+            "channels_last": False, "keras_bn": False, "fused_sgd": False, "compile": False}
     for tok in tokens[1:]:
         if tok in ("fp32", "bf16"):
             spec["precision"] = tok
@@ -84,8 +90,12 @@ def parse_variant(name: str) -> dict:
             spec["pipe"] = True
         elif tok == "kbn" and framework == "keras":
             spec["keras_bn"] = True
+        elif tok == "fusedsgd" and framework == "keras":
+            spec["fused_sgd"] = True
         elif tok == "cl" and framework == "torch":
             spec["channels_last"] = True
+        elif tok == "compile" and framework == "torch":
+            spec["compile"] = True
         else:
             raise ValueError(f"variant {name!r}: unknown option {tok!r}")
     return spec
@@ -140,7 +150,13 @@ class KerasStep:
             compile_kw["jit_compile"] = spec["jit"]
         if spec["spe"] is not None:
             compile_kw["steps_per_execution"] = spec["spe"]
-        model.compile(optimizer=model.default_optimizer(), **compile_kw)
+        optimizer = model.default_optimizer()
+        if spec["fused_sgd"]:  # the fused-update lever: FusedSGD with the method's SGD arguments
+            from keras_oneimage.optimizers import FusedSGD
+
+            optimizer = FusedSGD.from_config(optimizer.get_config())
+        self.optimizer_name = type(optimizer).__name__
+        model.compile(optimizer=optimizer, **compile_kw)
         model(tf.zeros((1, size, size, 3)), training=False)  # build every weight
         self.model = model
         self.steps_per_call = int(model.steps_per_execution)
@@ -165,7 +181,8 @@ class KerasStep:
         policy = "mixed_bfloat16" if self.spec["precision"] == "bf16" else "float32"
         data = "patch_dataset" if self.spec["pipe"] else "fixed batch"
         bn = "stock Keras BN" if self.spec["keras_bn"] else "fused BN"
-        return f"{policy}, jit_compile={self.jit}, steps_per_execution={self.steps_per_call}, {bn}, {data}"
+        return (f"{policy}, jit_compile={self.jit}, steps_per_execution={self.steps_per_call}, {bn}, "
+                f"{self.optimizer_name}, {data}")
 
     def round_steps(self, steps: int) -> int:
         return max(1, -(-steps // self.steps_per_call)) * self.steps_per_call
@@ -204,7 +221,8 @@ def torch_alexnet_rotnet(size: int, widths, head):
 
 
 class TorchStep:
-    """The PyTorch eager RotNet step on one fixed batch: rot90 x4 + cat, forward, cross-entropy, backward, SGD."""
+    """The PyTorch RotNet step on one fixed batch: rot90 x4 + cat, forward, cross-entropy, backward, SGD; eager, or
+    the whole step under ``torch.compile`` (compilation happens in the first call, i.e. the warm-up)."""
 
     def __init__(self, spec: dict, size: int, batch: int, widths, head, image: Path | None = None, seed: int = 0):
         import torch
@@ -223,13 +241,15 @@ class TorchStep:
         self.x = torch.rand(batch, 3, size, size)
         self.labels = torch.arange(NUM_ROTATIONS).repeat_interleave(batch)
         self.steps_per_call = 1
+        self._step = torch.compile(self.step) if spec["compile"] else self.step
 
     @property
     def params(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters() if p.requires_grad))
 
     def describe(self) -> str:
-        return (f"torch {self.torch.__version__} eager, {self.torch.get_num_threads()} threads, "
+        mode = "torch.compile" if self.spec["compile"] else "eager"
+        return (f"torch {self.torch.__version__} {mode}, {self.torch.get_num_threads()} threads, "
                 f"{'bf16 autocast' if self.spec['precision'] == 'bf16' else 'float32'}, "
                 f"{'channels_last' if self.spec['channels_last'] else 'NCHW'}, fixed batch")
 
@@ -250,7 +270,7 @@ class TorchStep:
 
     def run(self, steps: int) -> float:
         for _ in range(steps):
-            loss = self.step()
+            loss = self._step()
         return float(loss.detach())
 
 
@@ -270,11 +290,21 @@ def make_step(spec: dict, **kw):
 def measure_size(specs: list[dict], *, size: int, batch: int, widths, head, image: Path, warmup: int,
                  windows: int, steps: int) -> dict:
     """Builds every variant, warms it up, then times ``windows`` rounds of ``steps`` steps each, round robin."""
-    runners = {}
+    runners, failed = {}, {}
     for spec in specs:
         start = time.perf_counter()
-        runner = make_step(spec, size=size, batch=batch, widths=widths, head=head, image=image)
-        runner.run(runner.round_steps(warmup))
+        try:
+            runner = make_step(spec, size=size, batch=batch, widths=widths, head=head, image=image)
+            # torch.compile traces the step again once the optimizer's state exists: warm up past that too
+            runner.run(runner.round_steps(max(3, warmup) if spec.get("compile") else max(1, warmup)))
+        except Exception as exc:  # noqa: BLE001 - only torch.compile may fail here (no compiler, no backend)
+            if not spec.get("compile"):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            failed[spec["name"]] = f"{type(exc).__name__}: {first_line}"
+            print(f"  {spec['name']:<26} torch.compile FAILED on this machine, skipped: {failed[spec['name']]}",
+                  flush=True)
+            continue
         runners[spec["name"]] = runner
         print(f"  {spec['name']:<26} {runner.describe()}; built + warm-up {time.perf_counter() - start:.1f}s",
               flush=True)
@@ -293,7 +323,7 @@ def measure_size(specs: list[dict], *, size: int, batch: int, widths, head, imag
                 raise RuntimeError(f"{name}: loss became NaN")
             rates[name].append(NUM_ROTATIONS * batch * n / elapsed)
     del runners
-    return {"params": params, "rates": rates}
+    return {"params": params, "rates": rates, "failed": failed}
 
 
 def peak_rss_child(spec_name: str, *, size: int, batch: int, widths, head, image: Path, steps: int) -> dict | None:
@@ -343,12 +373,22 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def peer_best(specs: list[dict], result: dict) -> str:
+    """The reference of the ratios: the fastest PyTorch variant that ran (highest median rate), else the first."""
+    rates = result["rates"]
+    torch_names = [s["name"] for s in specs if s["framework"] == "torch" and s["name"] in rates]
+    if not torch_names:
+        return next(s["name"] for s in specs if s["name"] in rates)
+    return max(torch_names, key=lambda name: _median(rates[name]))
+
+
 def report(size: int, batch: int, result: dict, memory: dict, reference: str) -> dict:
     rates, params = result["rates"], result["params"]
     ref = rates[reference]
     summary = {}
+    peer = " (peer best: the fastest PyTorch variant)" if reference.startswith("torch") else ""
     print(f"\n{size} px, batch {batch} patches = {NUM_ROTATIONS * batch} rotated images per step "
-          f"(rates in rotated images/s, median of {len(ref)} windows; ratios vs {reference})")
+          f"(rates in rotated images/s, median of {len(ref)} windows; ratios vs {reference}{peer})")
     print(f"  {'variant':<26} {'params':>11} {'images/s':>9} {'min':>7} {'max':>7} {'ratio':>6} {'paired':>6} "
           f"{'peak RSS MiB (after import)':>27}")
     for name, xs in rates.items():
@@ -359,7 +399,9 @@ def report(size: int, batch: int, result: dict, memory: dict, reference: str) ->
         print(f"  {name:<26} {params[name]:>11,} {_median(xs):>9.1f} {min(xs):>7.1f} {max(xs):>7.1f} "
               f"{ratio:>6.2f} {paired:>6.2f} {mem_s:>27}")
         summary[name] = {"params": params[name], "images_per_s": _median(xs), "windows": xs, "ratio": ratio,
-                         "paired_ratio": paired, "memory": mem}
+                         "paired_ratio": paired, "memory": mem, "reference": name == reference}
+    for name, why in result.get("failed", {}).items():
+        print(f"  {name:<26} failed: {why}")
     counts = set(params.values())
     print(f"  parameter counts {'match' if len(counts) == 1 else 'DIFFER'}: {sorted(counts)}")
     if len(counts) != 1:
@@ -474,8 +516,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"PyTorch is not installed: skipping {', '.join(skipped)} (ratios are against {specs[0]['name']})")
     if not specs:
         raise SystemExit("no variant left to run")
-    torch_specs = [s["name"] for s in specs if s["framework"] == "torch"]
-    reference = torch_specs[0] if torch_specs else specs[0]["name"]
 
     import tensorflow as tf
 
@@ -488,14 +528,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n== {size} px ({alexnet_variant(size)} AlexNet, widths {widths}, head {head})", flush=True)
         result = measure_size(specs, size=size, batch=args.batch, widths=widths, head=head, image=args.image,
                               warmup=args.warmup, windows=args.windows, steps=args.steps)
+        reference = peer_best(specs, result)
         memory = {}
         if not args.no_memory:
             for spec in specs:
+                if spec["name"] not in result["rates"]:
+                    continue
                 memory[spec["name"]] = peak_rss_child(spec["name"], size=size, batch=args.batch, widths=widths,
                                                       head=head, image=args.image, steps=args.warmup + 1)
         results[size] = report(size, args.batch, result, memory, reference)
     print()
     for size, summary in results.items():
+        reference = next(name for name, s in summary.items() if s["reference"])
         line = ", ".join(f"{name} {s['paired_ratio']:.2f}" for name, s in summary.items() if name != reference)
         print(f"RATIO {size}px vs {reference} (paired median): {line}")
     if args.json:

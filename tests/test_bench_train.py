@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import runpy
 import statistics
 import subprocess
 import sys
@@ -12,9 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "bench_train.py"
 
 
-def _run(args, tmp_path, *, block_torch=False):
+def _run(args, tmp_path, *, block_torch=False, prelude=""):
     """Runs the script in a fresh process (it sets global Keras policies and thread pools)."""
-    code = "import runpy, sys\n"
+    code = "import runpy, sys\n" + prelude
     if block_torch:  # as if torch were not installed: `import torch` raises ModuleNotFoundError
         code += (
             "class _NoTorch:\n"
@@ -62,3 +63,33 @@ def test_without_torch_it_skips_the_pytorch_side(tmp_path):
     stdout = _run(["--quick", "--variants", "keras-fp32,keras-bf16,torch", "--no-memory"], tmp_path, block_torch=True)
     assert "PyTorch is not installed: skipping torch" in stdout
     assert "RATIO 32px vs keras-fp32 (paired median): keras-bf16" in stdout
+
+
+def test_variant_tokens_and_peer_best():
+    script = runpy.run_path(str(SCRIPT), run_name="bench_train_module")  # defines, does not run main
+    parse, peer_best = script["parse_variant"], script["peer_best"]
+    assert parse("keras-bf16-fusedsgd")["fused_sgd"] and not parse("keras-bf16")["fused_sgd"]
+    assert parse("torch-bf16-cl-compile")["compile"] and parse("torch-bf16-cl-compile")["channels_last"]
+    for bad in ("keras-bf16-compile", "torch-fusedsgd"):
+        with pytest.raises(ValueError):
+            parse(bad)
+    assert "torch-bf16-cl" in script["DEFAULT_VARIANTS"].split(",")
+    specs = [parse(n) for n in ("keras-bf16", "torch", "torch-bf16-cl", "torch-bf16-cl-compile")]
+    # the fastest torch variant that ran (a failed torch.compile has no rates), whatever our own rates are
+    rates = {"keras-bf16": [9.0, 9.0], "torch": [1.0, 2.0], "torch-bf16-cl": [3.0, 2.5]}
+    assert peer_best(specs, {"rates": rates}) == "torch-bf16-cl"
+    assert peer_best(specs[:1], {"rates": {"keras-bf16": [1.0]}}) == "keras-bf16"
+
+
+def test_a_failing_torch_compile_is_reported_and_skipped(tmp_path):
+    pytest.importorskip("torch")
+    prelude = ("import torch\n"
+               "def _broken(fn):\n"
+               "    def call(*a, **k):\n"
+               "        raise RuntimeError('no C++ compiler on this machine')\n"
+               "    return call\n"
+               "torch.compile = _broken\n")
+    stdout = _run(["--quick", "--variants", "keras-fp32,torch,torch-compile", "--no-memory"], tmp_path,
+                  prelude=prelude)
+    assert "torch-compile" in stdout and "torch.compile FAILED" in stdout and "no C++ compiler" in stdout
+    assert "RATIO 32px vs torch (paired median): keras-fp32" in stdout
