@@ -19,7 +19,7 @@ OUTPUTS = HERE / "outputs"
 REPORTS = {
     "ablation": (OUTPUTS / "ablation" / "ablation.md", ("ablation_remove.png", "ablation_add.png")),
     "tune_cifar": (OUTPUTS / "tune_cifar" / "tune_cifar.md", ("tune_cifar.png",)),
-    "transfer_table": (OUTPUTS / "transfer_table" / "transfer_table.md", ()),
+    "transfer_table": (HERE / "results" / "transfer_table" / "transfer_table.md", ()),
 }
 
 

@@ -14,8 +14,8 @@ supervised ones. The rows here (``keras_oneimage.transfer.finetune``, the same r
               their place, standardised on the training images, the rest of the same AlexNet trained on it
               (``finetune(..., front_end="scattering")``; needs ``pip install keras-oneimage[scattering]``)
 
-Each row writes ``<out>/<row>.json`` (accuracies on test and val, history, timing, the command); rows already done
-are skipped (``--force`` reruns them), so the table can be built in parts. ``<out>/transfer_table.md`` is rewritten
+Each row writes ``<records>/<row>.json`` (accuracies on test and val, history, timing, the command); rows already done
+are skipped (``--force`` reruns them), so the table can be built in parts. ``<records>/transfer_table.md`` is rewritten
 from every JSON present after each row (``--report`` only rewrites it).
 
     python experiments/transfer_table.py --quick                                # smoke test (about a minute)
@@ -61,8 +61,10 @@ TABLE_FILE = "transfer_table.md"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (or 'all')")
-    p.add_argument("--out", help="JSON results and the table (default experiments/outputs/transfer_table, "
+    p.add_argument("--out", help="trunks and checkpoints, outside git (default experiments/outputs/transfer_table, "
                    "or .../transfer_table_quick with --quick)")
+    p.add_argument("--records", help="per-row JSON records and the markdown table, small and tracked in git so that "
+                   "rows accumulate across sessions (default experiments/results/transfer_table; --out with --quick)")
     p.add_argument("--rotnet_checkpoint", help="single-image RotNet: model.keras, fit output dir or export dir")
     p.add_argument("--supervised_checkpoint",
                    help="a supervised AlexNet (model.keras or export); default: the trunk the scratch row trains")
@@ -81,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(HERE / "outputs" / ("transfer_table_quick" if args.quick else "transfer_table"))
+    if args.records is None:
+        args.records = args.out if args.quick else str(HERE / "results" / "transfer_table")
     if args.quick:
         args.max_per_class = args.max_per_class or 20
         args.epochs, args.batch_size, args.learning_rate = 1, 32, 0.05
@@ -95,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def command_line(row: str, args: argparse.Namespace) -> str:
     parts = ["python experiments/transfer_table.py", f"--rows {row}", f"--out {shlex.quote(args.out)}",
+             f"--records {shlex.quote(args.records)}",
              f"--dataset {shlex.quote(args.dataset)}", f"--image_size {args.image_size}", f"--epochs {args.epochs}",
              f"--batch_size {args.batch_size}", f"--learning_rate {args.learning_rate:g}", f"--seed {args.seed}"]
     for flag in ("rotnet_checkpoint", "supervised_checkpoint", "max_per_class", "train_minutes"):
@@ -182,7 +187,7 @@ def run_row(row: str, args: argparse.Namespace, data, out: pathlib.Path) -> dict
 
 
 def write_table(out: pathlib.Path) -> str:
-    """The markdown table from every ``<row>.json`` in ``out``; written to ``out/transfer_table.md``."""
+    """The markdown table from every ``<row>.json`` in ``out`` (the records folder); written to ``out/transfer_table.md``."""
     records = {row: json.loads((out / f"{row}.json").read_text()) for row in ROWS if (out / f"{row}.json").is_file()}
     lines = [
         "| conv1-2 from | frozen | test top-1 | val top-1 | epochs | labelled images seen | train min |",
@@ -210,17 +215,18 @@ def write_table(out: pathlib.Path) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = pathlib.Path(args.out)
+    out, records = pathlib.Path(args.out), pathlib.Path(args.records)
     out.mkdir(parents=True, exist_ok=True)
+    records.mkdir(parents=True, exist_ok=True)
     if args.report:
-        print(write_table(out))
+        print(write_table(records))
         return {}
     from keras_oneimage.data.labelled import load_labelled
 
     data = load_labelled(args.dataset, seed=args.seed, max_per_class=args.max_per_class)
     done = {}
     for row in [r for r in RUN_ORDER if r in args.row_list]:
-        path = out / f"{row}.json"
+        path = records / f"{row}.json"
         if path.exists() and not args.force:
             print(f"[{row}] done already ({path}); --force reruns it")
             continue
@@ -238,8 +244,8 @@ def main(argv=None) -> dict:
         os.replace(tmp, path)
         done[row] = record
         print(f"[{row}] test top-1 {100 * record['test_accuracy']:.1f}% ({record['seconds'] / 60:.1f} min)", flush=True)
-        write_table(out)
-    print(write_table(out))
+        write_table(records)
+    print(write_table(records))
     return done
 
 
