@@ -37,6 +37,8 @@ SETTINGS = {
     "cifar32_9k": ("cifar", 32, "cifar"),
     "cifar32_1k": ("cifar", 32, "coarse"),
     "cifar32_300": ("cifar", 32, ProbeProtocol("study300", target_dims=300)),
+    # ~100 dims: conv1 globally max-pooled to its 96 channels, so the probe reads what the filters detect, not where
+    "cifar32_100": ("cifar", 32, ProbeProtocol("study100", target_dims=100)),
     "imagenet128_9k": ("imagenet", 128, "cifar"),
     "imagenet128_1k": ("imagenet", 128, "coarse"),
     "paper224": ("imagenet", 224, "paper"),

@@ -182,7 +182,8 @@ def load_trunk(image_size: int, variant: str = "auto", seed: int = 0, out: str |
         return None
     model, _ = build_classifier(args)
     model.load_weights(str(backup / "latest.weights.h5"))
-    epoch = json.loads((backup / "training_metadata.json").read_text())["epoch"] + 1
+    # Keras writes the number of completed epochs (BackupAndRestore.on_epoch_end: epoch + 1)
+    epoch = json.loads((backup / "training_metadata.json").read_text())["epoch"]
     import csv
 
     with open(args.out / "curve.csv") as f:

@@ -97,9 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def repo_relative(path: str) -> str:
+    """``path`` relative to the checkout when it lies inside it, so that recorded commands run from any clone."""
+    resolved = pathlib.Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def command_line(row: str, args: argparse.Namespace) -> str:
-    parts = ["python experiments/transfer_table.py", f"--rows {row}", f"--out {shlex.quote(args.out)}",
-             f"--records {shlex.quote(args.records)}",
+    parts = ["python experiments/transfer_table.py", f"--rows {row}", f"--out {shlex.quote(repo_relative(args.out))}",
+             f"--records {shlex.quote(repo_relative(args.records))}",
              f"--dataset {shlex.quote(args.dataset)}", f"--image_size {args.image_size}", f"--epochs {args.epochs}",
              f"--batch_size {args.batch_size}", f"--learning_rate {args.learning_rate:g}", f"--seed {args.seed}"]
     for flag in ("rotnet_checkpoint", "supervised_checkpoint", "max_per_class", "train_minutes"):
