@@ -193,7 +193,7 @@ def run_row(row: str, args: argparse.Namespace, data, out: pathlib.Path) -> dict
 
 
 def write_table(out: pathlib.Path) -> str:
-    """The markdown table from every ``<row>.json`` in the records folder ``out``; written to ``out/transfer_table.md``."""
+    """The markdown table from every ``<row>.json`` in the records folder ``out``, written to its TABLE_FILE."""
     records = {row: json.loads((out / f"{row}.json").read_text()) for row in ROWS if (out / f"{row}.json").is_file()}
     lines = [
         "| conv1-2 from | frozen | test top-1 | val top-1 | epochs | labelled images seen | train min |",
