@@ -35,8 +35,9 @@ fi
 #    random and supervised beside them; probes on full CIFAR-10 (45k train, 10k test), cached taps.
 if has table; then
   TABLE="--protocol $PROTOCOL --image_size $SIZE --probe_epochs 36 --probe_augment 0"
-  $PY experiments/paper_table.py --rows random,supervised,rotnet_a --seeds 0,1 $TABLE
-  $PY experiments/paper_table.py --rows rotnet_b --seeds 0 $TABLE
+  $PY experiments/paper_table.py --rows supervised --seeds 0 $TABLE   # the reference of step 2: one seed
+  $PY experiments/paper_table.py --rows random,rotnet_a,jigsaw_a --seeds 0,1 $TABLE
+  $PY experiments/paper_table.py --rows rotnet_b,jigsaw_b --seeds 0 $TABLE
   $PY experiments/paper_table.py --rows deepcluster_a,bigan_a --seeds 0,1 $TABLE
   $PY experiments/paper_table.py --rows deepcluster_b,bigan_b --seeds 0 $TABLE
 fi
