@@ -103,6 +103,22 @@ def test_preprocess_features_are_unit_norm():
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
 
 
+def test_bfloat16_features_cluster_like_their_float32_values():
+    # DeepCluster under mixed_bfloat16 pools bf16 features; PCA and k-means take them as the same values in float32
+    import tensorflow as tf
+
+    x, truth, _ = _blobs(n=400, k=4, d=40, seed=3)
+    low = tf.cast(x, tf.bfloat16)
+    same = tf.cast(low, tf.float32).numpy()
+    np.testing.assert_allclose(preprocess_features(low, dim=16).numpy(), preprocess_features(same, dim=16).numpy(),
+                               atol=1e-5)
+    whitening = fit_pca_whitening(low, 8)
+    np.testing.assert_allclose(whitening(low).numpy(), whitening(same).numpy(), atol=1e-5)
+    a, b = kmeans(low, 4, iterations=10, seed=0), kmeans(same, 4, iterations=10, seed=0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert normalized_mutual_info(truth, a.labels) > 0.95
+
+
 def test_nmi_sanity():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 10, 20000)

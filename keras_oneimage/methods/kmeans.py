@@ -22,6 +22,13 @@ SPLIT_EPS = 1.0 / 1024.0
 _MAX_BLOCK = 2**26
 
 
+def as_float32(x) -> tf.Tensor:
+    """``x`` as a float32 tensor. Features pooled under ``mixed_bfloat16`` arrive in bfloat16, which
+    ``tf.convert_to_tensor(x, tf.float32)`` refuses; PCA and k-means need float32 sums either way."""
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype == tf.float32 else tf.cast(x, tf.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class KMeansResult:
     """Output of :func:`kmeans`: the final centroids and the assignment of every point to its nearest one."""
@@ -41,7 +48,7 @@ class PCAWhitening:
     eigenvalues: tf.Tensor  # (dim,) descending
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(tf.convert_to_tensor(x, tf.float32) - self.mean, self.projection)
+        return tf.matmul(as_float32(x) - self.mean, self.projection)
 
 
 def fit_pca_whitening(x, dim: int = 256, eps: float = 1e-7, *, method: str = "auto", power_iterations: int = 3,
@@ -58,7 +65,7 @@ def fit_pca_whitening(x, dim: int = 256, eps: float = 1e-7, *, method: str = "au
     is O(d³): for a 4096-d conv5 map it took ~2 minutes on a 2-core CPU, the randomized one seconds. Either way
     the whitened output has identity covariance on ``x`` (Rayleigh–Ritz keeps the projected covariance diagonal).
     """
-    x = tf.convert_to_tensor(x, tf.float32)
+    x = as_float32(x)
     d = int(x.shape[-1])
     keep = min(int(dim), d)
     if method == "auto":
@@ -132,7 +139,7 @@ def kmeans(
     are pushed apart by a relative ``±1/1024`` (as faiss, which DeepCluster uses); each gets half of ``j``'s points.
     """
     with tf.device(device) if device else contextlib.nullcontext():
-        x = tf.convert_to_tensor(x, tf.float32)  # a device tensor stays on its device
+        x = as_float32(x)  # a device tensor stays on its device
         if x.shape.rank != 2:
             raise ValueError(f"kmeans expects points of shape (n, d), got {tuple(x.shape)}")
         n, d = int(x.shape[0]), int(x.shape[1])
