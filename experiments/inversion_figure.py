@@ -37,18 +37,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-REPO = HERE.parent
+from record_paths import REPO, shown_path  # noqa: E402
+
 IMAGE_A = REPO.parent / "shared" / "data" / "images" / "image_a.jpg"
 LAYERS = ("conv1", "conv2")
 TRUNKS = ("single_image", "random", "supervised")
 TITLES = {"single_image": "single image (RotNet)", "random": "random", "supervised": "supervised (CIFAR-10)"}
 SUPERVISED_HOWTO = "python experiments/supervised_reference.py --image_size 32 --epochs 8"
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the checkout when it is beside it (``../shared/...``), so records hold no home dirs."""
-    path = pathlib.Path(path).resolve()
-    return os.path.relpath(path, REPO) if REPO.parent in path.parents else str(path)
 
 
 def default_image() -> str:

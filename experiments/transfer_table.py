@@ -40,7 +40,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from record_paths import REPO, shown_path  # noqa: E402
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
@@ -97,15 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def repo_relative(path: str) -> str:
-    """``path`` relative to the checkout when it lies inside it, so that recorded commands run from any clone."""
-    resolved = pathlib.Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
-
-
 def command_line(row: str, args: argparse.Namespace) -> str:
-    parts = ["python experiments/transfer_table.py", f"--rows {row}", f"--out {shlex.quote(repo_relative(args.out))}",
-             f"--records {shlex.quote(repo_relative(args.records))}",
+    parts = ["python experiments/transfer_table.py", f"--rows {row}", f"--out {shlex.quote(shown_path(args.out))}",
+             f"--records {shlex.quote(shown_path(args.records))}",
              f"--dataset {shlex.quote(args.dataset)}", f"--image_size {args.image_size}", f"--epochs {args.epochs}",
              f"--batch_size {args.batch_size}", f"--learning_rate {args.learning_rate:g}", f"--seed {args.seed}"]
     for flag in ("rotnet_checkpoint", "supervised_checkpoint", "max_per_class", "train_minutes"):
@@ -192,6 +188,27 @@ def run_row(row: str, args: argparse.Namespace, data, out: pathlib.Path) -> dict
     return record
 
 
+#: What every row of one table shares; a row trained otherwise belongs in another records folder.
+RECIPE_KEYS = ("dataset", "image_size", "max_per_class", "epochs", "batch_size", "learning_rate", "seed")
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in RECIPE_KEYS}
+
+
+def check_recipe(records: pathlib.Path, args: argparse.Namespace) -> None:
+    """Exit with a message when ``records`` holds rows trained with another recipe: write_table would put them in
+    one table under the first row's data line."""
+    wanted = recipe(args)
+    for path in sorted(records.glob("*.json")):
+        have = json.loads(path.read_text())
+        differ = {k: (have[k], wanted[k]) for k in RECIPE_KEYS if k in have and have[k] != wanted[k]}
+        if differ:
+            listed = ", ".join(f"{k} {old!r} there, {new!r} here" for k, (old, new) in differ.items())
+            raise SystemExit(f"{path} was trained with another recipe ({listed}); pass --records to a folder of "
+                             "its own for this one")
+
+
 def write_table(out: pathlib.Path) -> str:
     """The markdown table from every ``<row>.json`` in the records folder ``out``, written to its TABLE_FILE."""
     records = {row: json.loads((out / f"{row}.json").read_text()) for row in ROWS if (out / f"{row}.json").is_file()}
@@ -229,6 +246,7 @@ def main(argv=None) -> dict:
         return {}
     from keras_oneimage.data.labelled import load_labelled
 
+    check_recipe(records, args)
     data = load_labelled(args.dataset, seed=args.seed, max_per_class=args.max_per_class)
     done = {}
     for row in [r for r in RUN_ORDER if r in args.row_list]:
@@ -242,8 +260,7 @@ def main(argv=None) -> dict:
         record.update(
             row=row, description=DESCRIPTIONS[row], seconds=time.monotonic() - start, command=command_line(row, args),
             dataset=args.dataset, train_size=data.train_size, val_size=data.val_size, test_size=data.test_size,
-            max_per_class=args.max_per_class, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            seed=args.seed,
+            **recipe(args),
         )
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2))

@@ -50,6 +50,20 @@ def test_records_default_to_the_tracked_folder_and_commands_are_clone_relative(t
     assert quick.records == str(tmp_path)  # a smoke test writes nothing into the tracked folder
 
 
+def test_rows_of_another_recipe_are_refused_before_any_training(tmp_path):
+    args = transfer_table.parse_args(["--rows", "random", "--records", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--max_per_class", "500", "--epochs", "3"])
+    (tmp_path / "rotnet.json").write_text(json.dumps({**_row(0.408, 0.396), **transfer_table.recipe(args)}))
+    transfer_table.check_recipe(tmp_path, args)  # same recipe: accepted
+    longer = transfer_table.parse_args(["--rows", "random", "--records", str(tmp_path), "--max_per_class", "500",
+                                        "--epochs", "15"])
+    with pytest.raises(SystemExit, match=r"rotnet.json was trained with another recipe \(epochs 3 there, 15 here\)"):
+        transfer_table.main(["--rows", "random", "--records", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--max_per_class", "500", "--epochs", "15"])
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["rotnet.json"]  # nothing written, nothing lost
+    assert transfer_table.recipe(longer)["epochs"] == 15
+
+
 def test_partial_reference_reports_the_epoch_its_backup_holds(tmp_path):
     # Keras's BackupAndRestore writes the number of completed epochs; after 2 epochs the backup is epoch 2's.
     args = supervised_reference.parse_args(["--image_size=32", "--variant=cifar", f"--out={tmp_path}"])

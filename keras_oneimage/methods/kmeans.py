@@ -108,6 +108,7 @@ def _mean_cov(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def preprocess_features(x, dim: int = 256) -> tf.Tensor:
     """DeepCluster's feature preprocessing: PCA-whiten to ``dim`` dimensions, then L2-normalise each row."""
+    x = as_float32(x)  # once: the whitening is fitted on x and applied to it
     whitened = fit_pca_whitening(x, dim)(x)
     return tf.math.l2_normalize(whitened, axis=-1)
 
