@@ -60,6 +60,12 @@ ROWS.update({row: ("rotnet", f"{n} CIFAR-10 train images") for row, n in N_IMAGE
 #: AlexNet row, the trunk named in ``keras_oneimage.models.registry``.
 TRUNK_ROWS = {"rotnet_a_resnet18": "resnet18"}
 ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg")})
+#: Variants for issue #12 §5 ("make the methods earn it"): a method row with one option changed, or a random trunk
+#: built with a method's trunk option, chosen on val. DeepCluster's Sobel front end (Caron et al. §5) drops colour,
+#: which CIFAR-10 probes read from conv1 on: ``random_sobel`` measures what that costs an untrained trunk, and
+#: ``deepcluster_a_rgb`` trains DeepCluster on colour.
+ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": True}}
+ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None)})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4
@@ -204,9 +210,12 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
               "seed": seed, "protocol": args.protocol, "command": _row_command(row, seed, args),
               "trunk": row_trunk(row)}
     start = time.monotonic()
+    options = ROW_OPTIONS.get(row, {})
+    if options:
+        record["options"] = options
     if method is None:
         keras.utils.set_random_seed(seed)
-        backbone = AlexNet(variant, args.image_size)
+        backbone = AlexNet(variant, args.image_size, **options)
         backbone(keras.ops.zeros((1, args.image_size, args.image_size, 3)))
         record.update(train_seconds=0.0, patches=0)
     elif method == "supervised":
@@ -236,7 +245,7 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
             batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
             steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
             callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,
-            trunk=row_trunk(row),
+            trunk=row_trunk(row), **options,
         )
         backbone = model.backbone
         record.update(train_seconds_last_session=time.monotonic() - start, steps=steps,
@@ -338,7 +347,7 @@ def report(args: argparse.Namespace) -> str:
     trunks = {}
     for row, recs in records.items():
         kernel = out / f"{row}__s{recs[0]['seed']}.conv1.npz"
-        if kernel.exists() and row != "random":
+        if kernel.exists() and recs[0]["method"] != "random":
             size = recs[0]["image_size"]
             with np.load(kernel) as saved:
                 net = AlexNet("cifar" if size < 128 else "imagenet", size, sobel=bool(saved["sobel"]))

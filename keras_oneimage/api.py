@@ -68,7 +68,8 @@ def fit(
         on such a CPU, docs/performance.md). Weights, taps and exports stay float32.
       max_minutes: a wall-clock budget: stop after the batch running when it runs out (that epoch is saved and
         counted as done). ``epochs`` stays the upper bound.
-      **method_options: passed to the method class (e.g. ``num_clusters`` for DeepCluster).
+      **method_options: passed to the method class (e.g. ``num_clusters`` for DeepCluster); one that names a
+        trunk option of the method (DeepCluster's ``sobel``) also sets how the trunk is built.
 
     Returns:
       The trained method model; ``model.backbone`` is the AlexNet trunk.

@@ -94,7 +94,30 @@ def _fit_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                       "Compute precision ('auto': bf16 on CPUs with AMX or AVX512-BF16, 1.6-2.8x faster; docs/performance.md).",
                       flag_values=fv)
+    flags.DEFINE_multi_string(
+        "method_option", None, "A method's own option as NAME=VALUE (repeat for several), passed to fit() as a "
+        "keyword: e.g. num_clusters=200 or sobel=False for deepcluster. VALUE is read as a Python literal "
+        "(number, True/False, tuple), else kept as text.", flag_values=fv)
     _augment_flags(fv)
+
+
+def _method_options(pairs: Sequence[str] | None) -> dict:
+    """``["num_clusters=200", "sobel=False"]`` → ``{"num_clusters": 200, "sobel": False}`` (UsageError if malformed)."""
+    import ast
+
+    options = {}
+    for pair in pairs or ():
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--method_option={pair!r}: expected NAME=VALUE, e.g. num_clusters=200")
+        if name in options:
+            raise UsageError(f"--method_option {name} is given twice")
+        try:
+            options[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[name] = text.strip()
+    return options
 
 
 def _fit(fv: flags.FlagValues) -> int:
@@ -123,6 +146,7 @@ def _fit(fv: flags.FlagValues) -> int:
         reference_batch=fv.reference_batch,
         precision=fv.precision,
         max_minutes=fv.max_minutes,
+        **_method_options(fv.method_option),
     )
     print(f"trained model saved in {output_dir}/model.keras; conv1 filters in {output_dir}/conv1_filters.png")
     return 0

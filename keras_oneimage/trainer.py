@@ -104,16 +104,16 @@ def variant_for(image_size: int, variant: str | None, trunk_size: int | None = N
 
 
 def build_trunk(method_cls: type, image_size: int, *, variant: str, widths: Sequence[int] | None = None,
-                trunk: str = "alexnet"):
+                trunk: str = "alexnet", method_options: Mapping[str, Any] | None = None):
     """The trunk ``method_cls`` trains on ``image_size`` px patches: the one place a trunk is built.
 
     ``trunk`` names it in :mod:`keras_oneimage.models.registry` (``"alexnet"``, ``"resnet18"``). Its input size is
-    the method's ``trunk_input_size(image_size)`` and its options the method's ``backbone_options`` (DeepCluster's
-    Sobel filter), with ``widths`` (small ones for quick runs) on top.
+    the method's ``trunk_input_size(image_size)`` and its options the method's ``trunk_options(method_options)``
+    (DeepCluster's Sobel filter, unless ``sobel=False``), with ``widths`` (small ones for quick runs) on top.
     """
     from keras_oneimage.models import registry
 
-    options = dict(getattr(method_cls, "backbone_options", {}))
+    options = method_cls.trunk_options(method_options)
     if widths is not None:
         options["widths"] = tuple(widths)
     return registry.build_trunk(trunk, variant=variant, image_size=method_cls.trunk_input_size(image_size), **options)
@@ -199,7 +199,8 @@ def build_method(run: Run):
     from keras_oneimage.precision import precision_scope
 
     with precision_scope(run.precision):
-        backbone = build_trunk(run.method, run.image_size, variant=run.variant, widths=run.widths, trunk=run.trunk)
+        backbone = build_trunk(run.method, run.image_size, variant=run.variant, widths=run.widths, trunk=run.trunk,
+                               method_options=run.method_options)
         return run.method(backbone=backbone, **run.method_options)
 
 

@@ -38,3 +38,26 @@ def test_fit_precision_is_validated_before_anything_is_written(tmp_path, capsys)
     with pytest.raises(InputError, match="precision"):
         api.fit(None, precision="float8", output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_fit_passes_method_options_as_literals(monkeypatch, capsys, tmp_path):
+    from keras_oneimage import api
+
+    seen = {}
+    monkeypatch.setattr(api, "fit", lambda *args, **kwargs: seen.update(kwargs))
+    rc, _, err = _run(["fit", "--method=deepcluster", f"--output_dir={tmp_path}", "--method_option", "sobel=False",
+                       "--method_option", "num_clusters=200", "--method_option", "head_widths=(64, 64)"], capsys)
+    assert rc == 0, err
+    assert seen["method"] == "deepcluster"
+    assert seen["sobel"] is False and seen["num_clusters"] == 200 and seen["head_widths"] == (64, 64)
+
+
+def test_fit_refuses_malformed_method_options(monkeypatch, capsys, tmp_path):
+    from keras_oneimage import api
+
+    monkeypatch.setattr(api, "fit", lambda *args, **kwargs: 0)
+    for bad, message in ((["--method_option", "sobel"], "NAME=VALUE"),
+                         (["--method_option", "2x=1"], "NAME=VALUE"),
+                         (["--method_option", "k=1", "--method_option", "k=2"], "twice")):
+        rc, _, err = _run(["fit", f"--output_dir={tmp_path}", *bad], capsys)
+        assert rc == 2 and message in err, (bad, err)

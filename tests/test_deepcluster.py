@@ -186,3 +186,34 @@ def test_run_training_logs_nmi_and_checkpoints(photo_path, tmp_path):
     assert {"loss", "accuracy", "nmi", "clusters"} <= set(rows[0])
     assert float(rows[0]["nmi"]) == 0.0 and 0.0 <= float(rows[1]["nmi"]) <= 1.0
     assert (tmp_path / "model.keras").exists()
+
+
+def test_sobel_option_builds_a_colour_trunk_and_round_trips(photo_path, tmp_path):
+    """`fit(..., method="deepcluster", sobel=False)`: the method option reaches the trunk (3 input channels), the
+    method records it, and model.keras reloads it; Caron et al.'s Sobel trunk stays the default."""
+    from keras_oneimage import trainer
+
+    def built(**options):
+        run = trainer.prepare_run(photo_path, "deepcluster", image_size=32, widths=SMALL,
+                                  method_options={"num_clusters": 4, "pool_size": 16, **options})
+        model = trainer.build_method(run)
+        model(np.zeros((1, 32, 32, 3), "float32"))
+        return model
+
+    default, colour = built(), built(sobel=False)
+    assert default.sobel and default.backbone.sobel
+    assert default.backbone.get_layer("conv1").conv.kernel.shape[2] == 2  # Sobel: two gradient channels
+    assert not colour.sobel and not colour.backbone.sobel
+    assert colour.backbone.get_layer("conv1").conv.kernel.shape[2] == 3  # RGB
+    colour.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert reloaded.sobel is False and reloaded.backbone.sobel is False
+
+
+def test_sobel_option_must_match_the_trunk():
+    with pytest.raises(InputError, match="sobel=True"):
+        DeepCluster(AlexNet("cifar", 32, sobel=False, widths=SMALL), num_clusters=4, pool_size=16)
+    with pytest.raises(InputError, match="sobel must be True or False"):
+        DeepCluster(AlexNet("cifar", 32, sobel=True, widths=SMALL), num_clusters=4, pool_size=16, sobel="no")
+    model = DeepCluster(AlexNet("cifar", 32, sobel=False, widths=SMALL), num_clusters=4, pool_size=16, sobel=False)
+    assert model.get_config()["sobel"] is False

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -74,6 +74,17 @@ class SelfSupervisedMethod(keras.Model):
         overrides this, and the trunk is built for that size wherever a method's trunk is built.
         """
         return image_size
+
+    @classmethod
+    def trunk_options(cls, method_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The options `fit` builds this method's trunk with: the class's ``backbone_options`` (DeepCluster's Sobel
+        front end), each overridden by the method option of the same name (``fit(..., sobel=False)``).
+
+        Such an option also reaches the method's constructor, which records it and checks that its trunk has it.
+        """
+        options = dict(getattr(cls, "backbone_options", {}))
+        options.update({k: v for k, v in (method_options or {}).items() if k in options})
+        return options
 
     def call(self, x, training=None):
         return self.backbone(x, training=training)

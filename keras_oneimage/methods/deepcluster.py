@@ -8,7 +8,8 @@ Asano et al. (ICLR 2020, §4) run it on patches of a single image.
 How `fit` drives it (the method supplies its own data, so the `train_step` gets pseudo-labels):
 
 * ``backbone_options = {"sobel": True}``: `fit` builds the AlexNet with the fixed Sobel front end (Caron et al.
-  §5 "Sobel filtering").
+  §5 "Sobel filtering"); ``fit(..., method="deepcluster", sobel=False)`` trains it on colour instead (the Sobel
+  front end drops colour, which linear probes on CIFAR-10 use from conv1 on).
 * ``make_dataset(context)`` draws the **pool**: ``pool_size`` patches from
   :func:`~keras_oneimage.data.synthetic.patch_dataset`, once, with the run's seed (the single-image paper's saved
   dataset of augmented patches; a fixed pool also makes the NMI between successive assignments meaningful). The pool
@@ -111,6 +112,8 @@ class DeepCluster(SelfSupervisedMethod):
 
     Args:
         backbone: the trunk; its pooled conv5 map, flattened, is both the clustered feature and the MLP head's input.
+        sobel: whether ``backbone`` has the Sobel front end (checked; `fit` builds the trunk to match). True is
+            Caron et al.'s setting.
         num_clusters: k of k-means (default 100, see ``DEFAULT_NUM_CLUSTERS``).
         pool_size: patches drawn once and re-clustered every epoch (default 10,000).
         pca_dim: PCA-whitening dimension before k-means (256, Caron et al. §4).
@@ -133,10 +136,17 @@ class DeepCluster(SelfSupervisedMethod):
         kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
         feature_batch_size: int = 256,
         head_widths: Sequence[int] | None = None,
+        sobel: bool = True,
         **kwargs,
     ):
         kwargs.setdefault("name", "deepcluster")
         super().__init__(backbone, **kwargs)
+        if not isinstance(sobel, (bool, np.bool_)):
+            raise InputError(f"sobel must be True or False, got {sobel!r}")
+        if bool(getattr(backbone, "sobel", False)) != bool(sobel):
+            raise InputError(f"DeepCluster(sobel={bool(sobel)}) needs a trunk built with sobel={bool(sobel)}; "
+                             f"this one has sobel={bool(getattr(backbone, 'sobel', False))}")
+        self.sobel = bool(sobel)
         for name, value, minimum in (
             ("num_clusters", num_clusters, 2),
             ("pool_size", pool_size, 2),
@@ -318,6 +328,7 @@ class DeepCluster(SelfSupervisedMethod):
             "kmeans_iterations": self.kmeans_iterations,
             "feature_batch_size": self.feature_batch_size,
             "head_widths": list(self.head_widths),
+            "sobel": self.sobel,
         }
 
 
