@@ -330,7 +330,7 @@ def report(args: argparse.Namespace) -> str:
         sys.exit(f"no finished rows in {out}")
     curve = {row: recs for row, recs in records.items() if row in N_IMAGE_ROWS}
     if curve:
-        report_n_images(curve, records.get("supervised"), args)
+        report_n_images(curve, records.get("supervised"), records.get("random"), args)
     records = {row: recs for row, recs in records.items() if row not in N_IMAGE_ROWS}
     other_trunks = {row: recs for row, recs in records.items() if row in TRUNK_ROWS}
     records = {row: recs for row, recs in records.items() if row not in TRUNK_ROWS}
@@ -438,8 +438,10 @@ def _write_section(args: argparse.Namespace, name: str, section: str) -> None:
     results.write_text(collect_results.insert(text, name, section))
 
 
-def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None, args: argparse.Namespace) -> str:
-    """RESULTS.md section and figure of the N-image curve: test accuracy per layer against N source images."""
+def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None, random: list[dict] | None,
+                    args: argparse.Namespace) -> str:
+    """RESULTS.md section and figure of the N-image curve: test accuracy per layer against N source images, with
+    the supervised reference (dashed) and the random trunk (dotted) per layer as horizontal lines."""
     import statistics
 
     from matplotlib.figure import Figure
@@ -449,6 +451,7 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
     by_n = {N_IMAGE_ROWS[row]: recs for row, recs in curve.items()}
     mean = {n: {k: 100 * statistics.mean(r["probe"]["test"][k] for r in recs) for k in TAPS} for n, recs in by_n.items()}
     sup = {k: 100 * statistics.mean(r["probe"]["test"][k] for r in supervised) for k in TAPS} if supervised else None
+    rnd = {k: 100 * statistics.mean(r["probe"]["test"][k] for r in random) for k in TAPS} if random else None
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     for i, layer in enumerate(TAPS):
@@ -456,11 +459,13 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
         ax.plot(ns, [mean[n][layer] for n in ns], marker="o", color=color, label=layer)
         if sup:
             ax.axhline(sup[layer], color=color, linestyle="--", linewidth=0.8)
+        if rnd:
+            ax.axhline(rnd[layer], color=color, linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("source images N (CIFAR-10 train, scaled up 4x)")
     ax.set_ylabel("linear probe test accuracy (%)")
-    ax.set_title("RotNet from N images" + ("; dashed: supervised" if sup else ""))
+    ax.set_title("RotNet from N images" + ("; dashed: supervised" if sup else "") + ("; dotted: random" if rnd else ""))
     ax.legend(fontsize="small")
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -474,7 +479,11 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
                      + " | ".join(_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in TAPS)
                      + f" | {recs[0].get('steps', '')} |")
     if sup:
-        lines.append("| supervised | | " + " | ".join(f"{sup[k]:.1f}" for k in TAPS) + " | |")
+        lines.append(f"| supervised | {','.join(str(r['seed']) for r in supervised)} | "
+                     + " | ".join(f"{sup[k]:.1f}" for k in TAPS) + " | |")
+    if rnd:
+        lines.append(f"| random | {','.join(str(r['seed']) for r in random)} | "
+                     + " | ".join(f"{rnd[k]:.1f}" for k in TAPS) + " | 0 |")
     lines += ["", f"![N-image curve](figures/{name}.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
     _write_section(args, name, section)

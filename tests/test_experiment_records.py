@@ -3,6 +3,8 @@
 experiments/transfer_table.py keeps one JSON per Table 4 row in a tracked folder and rebuilds the markdown table
 from whatever rows are there; its recorded commands must not name this machine's checkout. And
 experiments/supervised_reference.py's ``load_trunk(partial=True)`` must report the epoch the backup really holds.
+experiments/paper_table.py's report splits the records into the AlexNet table, the other-trunk table and the
+N-image curve, each with its references.
 """
 import csv
 import json
@@ -14,6 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import paper_table  # noqa: E402
 import supervised_reference  # noqa: E402
 import transfer_table  # noqa: E402
 
@@ -81,3 +84,45 @@ def test_partial_reference_reports_the_epoch_its_backup_holds(tmp_path):
     assert record["partial"] and record["epochs_run"] == 2
     assert record["best_val_accuracy"] == pytest.approx(0.614)
     assert trunk.get_layer("conv1") is not None
+
+
+def _table_record(row, seed, accuracies, **extra):
+    method = {"supervised": "supervised", "random": "random"}.get(row, "rotnet")
+    return {"row": row, "seed": seed, "method": method, "image_size": 32, "steps": 1500, "patches": 96000,
+            "command": f"python experiments/paper_table.py --rows {row} --seeds {seed}",
+            "probe": {split: dict(zip(paper_table.TAPS, accuracies)) for split in ("val", "test")}, **extra}
+
+
+def test_report_puts_each_row_in_its_section_with_its_references(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    rows = {("supervised", 0): (0.62, 0.70, 0.76, 0.78, 0.79), ("random", 0): (0.59, 0.58, 0.58, 0.56, 0.50),
+            ("random", 1): (0.60, 0.59, 0.59, 0.57, 0.52), ("rotnet_n1", 0): (0.60, 0.61, 0.62, 0.60, 0.55),
+            ("rotnet_n1000", 0): (0.61, 0.64, 0.67, 0.66, 0.60), ("rotnet_a", 0): (0.605, 0.62, 0.64, 0.62, 0.57)}
+    for (row, seed), acc in rows.items():
+        (records / f"{row}__s{seed}.json").write_text(json.dumps(_table_record(row, seed, acc)))
+    resnet = _table_record("rotnet_a_resnet18", 0, (0.5, 0.6, 0.6, 0.6, 0.5), trunk="resnet18")
+    resnet["probe"] = {s: dict(zip(("stem", "stage1", "stage2", "stage3", "stage4"), (0.5, 0.6, 0.65, 0.6, 0.5)))
+                       for s in ("val", "test")}
+    (records / "rotnet_a_resnet18__s0.json").write_text(json.dumps(resnet))
+    results = tmp_path / "RESULTS.md"
+    args = paper_table.parse_args(["--report", "--records", str(records), "--results_md", str(results),
+                                   "--figures", str(tmp_path / "figures")])
+    paper_table.report(args)
+    text = results.read_text()
+
+    def section(name):
+        return text.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+
+    curve = section("n_images_coarse32")
+    assert "| 1 | 0 | 60.0 | 61.0 | 62.0 | 60.0 | 55.0 | 1500 |" in curve
+    assert "| 1000 | 0 | 61.0 | 64.0 | 67.0 | 66.0 | 60.0 | 1500 |" in curve
+    assert "| supervised | 0 | 62.0 | 70.0 | 76.0 | 78.0 | 79.0 | |" in curve
+    assert "| random | 0,1 | 59.5 | 58.5 | 58.5 | 56.5 | 51.0 | 0 |" in curve
+    assert (tmp_path / "figures" / "n_images_coarse32.png").stat().st_size > 0
+    main = section("paper_table_full")
+    assert "| rotnet_a | 0 | 60.5 | 62.0 | 64.0 |" in main and "rotnet_n1 " not in main
+    assert "| -1.5 | -8.0 | -12.0 |" in main  # the gaps to supervised at conv1-3
+    other = section("paper_table_full_other_trunks")
+    assert "| rotnet_a_resnet18 | resnet18 | 0 | 50.0 | 60.0 | 65.0 | 60.0 | 50.0 |" in other
+    assert "Same method, image and steps on the AlexNet (`rotnet_a`): conv1 60.5" in other
