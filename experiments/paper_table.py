@@ -2,7 +2,7 @@
 
 Rows: RotNet, DeepCluster, BiGAN and Jigsaw trained from Image A and from Image B (``../shared/data/images``), a random
 trunk, RotNet from Image A on a ResNet-18 trunk (``rotnet_a_resnet18``, issue #18: does the finding hold for a
-stronger CNN?), and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
+stronger CNN?) beside an untrained ResNet-18 (``random_resnet18``), and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
 on the CIFAR-10 train labels until validation accuracy stops improving). Every row is probed with one named
 protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps of its trunk in one pass (the
 AlexNet's conv1 … conv5, the ResNet-18's stem, stage1 … stage4), on CIFAR-10 (JPEG):
@@ -57,9 +57,10 @@ ROWS = {
 N_IMAGE_ROWS = {f"rotnet_n{n}": n for n in (1, 10, 100, 1000)}
 ROWS.update({row: ("rotnet", f"{n} CIFAR-10 train images") for row, n in N_IMAGE_ROWS.items()})
 #: Rows on another trunk than the paper's AlexNet (issue #18): the same method, image and step count as their
-#: AlexNet row, the trunk named in ``keras_oneimage.models.registry``.
-TRUNK_ROWS = {"rotnet_a_resnet18": "resnet18"}
-ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg")})
+#: AlexNet row (or an untrained trunk, the reference beside them), the trunk named in
+#: ``keras_oneimage.models.registry``.
+TRUNK_ROWS = {"rotnet_a_resnet18": "resnet18", "random_resnet18": "resnet18"}
+ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg"), "random_resnet18": (None, None)})
 #: Variants for issue #12 §5 ("make the methods earn it"): a method row with one option changed, or a random trunk
 #: built with a method's trunk option, chosen on val. DeepCluster's Sobel front end (Caron et al. §5) drops colour,
 #: which CIFAR-10 probes read from conv1 on: ``random_sobel`` measures what that costs an untrained trunk, and
@@ -200,7 +201,6 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     import keras
 
     from keras_oneimage import api
-    from keras_oneimage.models.alexnet import AlexNet
     from keras_oneimage.training import TimeBudget
 
     method, image_name = ROWS[row]
@@ -214,8 +214,10 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
     if options:
         record["options"] = options
     if method is None:
+        from keras_oneimage.models.registry import build_trunk
+
         keras.utils.set_random_seed(seed)
-        backbone = AlexNet(variant, args.image_size, **options)
+        backbone = build_trunk(row_trunk(row), variant=variant, image_size=args.image_size, **options)
         backbone(keras.ops.zeros((1, args.image_size, args.image_size, 3)))
         record.update(train_seconds=0.0, patches=0)
     elif method == "supervised":
