@@ -2,8 +2,9 @@
 
 Rows: RotNet, DeepCluster, BiGAN and Jigsaw trained from Image A and from Image B (``../shared/data/images``), a random
 trunk, RotNet from Image A on a ResNet-18 trunk (``rotnet_a_resnet18``, issue #18: does the finding hold for a
-stronger CNN?) beside an untrained ResNet-18 (``random_resnet18``), and the converged supervised reference (``experiments/supervised_reference.py``: the same AlexNet trained
-on the CIFAR-10 train labels until validation accuracy stops improving). Every row is probed with one named
+stronger CNN?) beside an untrained ResNet-18 (``random_resnet18``), and the converged supervised reference
+(``experiments/supervised_reference.py``: the same AlexNet trained on the CIFAR-10 train labels until validation
+accuracy stops improving). Every row is probed with one named
 protocol (``--protocol``; ``keras_oneimage.probes.protocols``) on all five taps of its trunk in one pass (the
 AlexNet's conv1 … conv5, the ResNet-18's stem, stage1 … stage4), on CIFAR-10 (JPEG):
 the probes train on the train split minus val (45,000 images; ``--max_per_class`` subsamples for quick runs) and
@@ -310,6 +311,13 @@ def _load_records(out: pathlib.Path) -> dict[str, list[dict]]:
     return records
 
 
+def _test_means(recs: list[dict], taps=TAPS) -> dict[str, float]:
+    """``{tap: mean test accuracy in %}`` over the seeds' records of one row."""
+    import statistics
+
+    return {k: 100 * statistics.mean(r["probe"]["test"][k] for r in recs) for k in taps}
+
+
 def _mean_spread(values: list[float]) -> str:
     import statistics
 
@@ -319,8 +327,6 @@ def _mean_spread(values: list[float]) -> str:
 
 def report(args: argparse.Namespace) -> str:
     """Write the RESULTS.md section and the figures from the finished rows; return the markdown."""
-    import statistics
-
     import numpy as np
 
     from keras_oneimage.models.alexnet import AlexNet
@@ -342,8 +348,7 @@ def report(args: argparse.Namespace) -> str:
     name = args.section
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    mean_test = {row: {k: statistics.mean(r["probe"]["test"][k] for r in recs) for k in TAPS}
-                 for row, recs in records.items()}
+    mean_test = {row: {k: v / 100 for k, v in _test_means(recs).items()} for row, recs in records.items()}
     layer_accuracy_plot(mean_test, figures / f"{name}_layers.png",
                         title=f"CIFAR-10 (JPEG) linear probes, test ({args.protocol} protocol)")
     trunks = {}
@@ -360,6 +365,7 @@ def report(args: argparse.Namespace) -> str:
         conv1_filter_comparison(trunks, figures / f"{name}_conv1.png")
 
     sup = records.get("supervised")
+    sup_means = _test_means(sup) if sup else None
     lines = [f"<!-- {name}:start -->",
              f"### Test accuracy per layer, {args.protocol} protocol, {args.image_size} px (mean ± spread over seeds)", "",
              "| row | seeds | conv1 | conv2 | conv3 | conv4 | conv5 | Δ conv1 vs sup. | Δ conv2 vs sup. | "
@@ -370,9 +376,7 @@ def report(args: argparse.Namespace) -> str:
         deltas = []
         for k in ("conv1", "conv2", "conv3"):
             if sup:
-                diff = statistics.mean(100 * r["probe"]["test"][k] for r in recs) \
-                    - statistics.mean(100 * r["probe"]["test"][k] for r in sup)
-                deltas.append(f"{diff:+.1f}")
+                deltas.append(f"{_test_means(recs)[k] - sup_means[k]:+.1f}")
             else:
                 deltas.append("—")
         val = [_mean_spread([100 * r["probe"]["val"][k] for r in recs]) for k in ("conv1", "conv2")]
@@ -407,7 +411,8 @@ def report_other_trunks(rows: dict[str, list[dict]], alexnet_rows: dict[str, lis
              "not column by column.", ""]
     for row, recs in rows.items():
         taps = list(recs[0]["probe"]["test"])  # the record keeps its trunk's taps in forward order
-        twin = next((r for r in alexnet_rows if ROWS[r] == ROWS[row] and r not in TRUNK_ROWS), None)
+        twin = next((r for r in alexnet_rows if ROWS[r] == ROWS[row] and r not in TRUNK_ROWS
+                     and ROW_OPTIONS.get(r) == ROW_OPTIONS.get(row)), None)
         lines += [f"| row | trunk | seeds | {' | '.join(taps)} | steps | patches |",
                   "| --- | --- | ---: |" + " ---: |" * (len(taps) + 2)]
         seeds = ",".join(str(r["seed"]) for r in recs)
@@ -444,16 +449,14 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
                     args: argparse.Namespace) -> str:
     """RESULTS.md section and figure of the N-image curve: test accuracy per layer against N source images, with
     the supervised reference (dashed) and the random trunk (dotted) per layer as horizontal lines."""
-    import statistics
-
     from matplotlib.figure import Figure
 
     name = f"n_images_{args.protocol}{args.image_size}"
     ns = sorted(N_IMAGE_ROWS[row] for row in curve)
     by_n = {N_IMAGE_ROWS[row]: recs for row, recs in curve.items()}
-    mean = {n: {k: 100 * statistics.mean(r["probe"]["test"][k] for r in recs) for k in TAPS} for n, recs in by_n.items()}
-    sup = {k: 100 * statistics.mean(r["probe"]["test"][k] for r in supervised) for k in TAPS} if supervised else None
-    rnd = {k: 100 * statistics.mean(r["probe"]["test"][k] for r in random) for k in TAPS} if random else None
+    mean = {n: _test_means(recs) for n, recs in by_n.items()}
+    sup = _test_means(supervised) if supervised else None
+    rnd = _test_means(random) if random else None
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     for i, layer in enumerate(TAPS):
@@ -480,12 +483,10 @@ def report_n_images(curve: dict[str, list[dict]], supervised: list[dict] | None,
         lines.append(f"| {n} | {','.join(str(r['seed']) for r in recs)} | "
                      + " | ".join(_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in TAPS)
                      + f" | {recs[0].get('steps', '')} |")
-    if sup:
-        lines.append(f"| supervised | {','.join(str(r['seed']) for r in supervised)} | "
-                     + " | ".join(f"{sup[k]:.1f}" for k in TAPS) + " | |")
-    if rnd:
-        lines.append(f"| random | {','.join(str(r['seed']) for r in random)} | "
-                     + " | ".join(f"{rnd[k]:.1f}" for k in TAPS) + " | 0 |")
+    for label, recs, means, steps_cell in (("supervised", supervised, sup, " | |"), ("random", random, rnd, " | 0 |")):
+        if recs:
+            lines.append(f"| {label} | {','.join(str(r['seed']) for r in recs)} | "
+                         + " | ".join(f"{means[k]:.1f}" for k in TAPS) + steps_cell)
     lines += ["", f"![N-image curve](figures/{name}.png)", "", f"<!-- {name}:end -->"]
     section = "\n".join(lines)
     _write_section(args, name, section)

@@ -61,6 +61,8 @@ class SelfSupervisedMethod(keras.Model):
     #: How many trunk passes one patch of the batch costs in a training step (RotNet: its 4 rotations); `fit`'s
     #: memory estimate multiplies by it (keras_oneimage.validation.check_step_memory).
     views_per_patch: int = 1
+    #: Options `fit` builds the trunk with (DeepCluster: ``{"sobel": True}``); see :meth:`trunk_options`.
+    backbone_options: dict[str, Any] = {}
 
     def __init__(self, backbone: keras.Model, **kwargs):
         super().__init__(**kwargs)
@@ -82,7 +84,7 @@ class SelfSupervisedMethod(keras.Model):
 
         Such an option also reaches the method's constructor, which records it and checks that its trunk has it.
         """
-        options = dict(getattr(cls, "backbone_options", {}))
+        options = dict(cls.backbone_options)
         options.update({k: v for k, v in (method_options or {}).items() if k in options})
         return options
 

@@ -112,8 +112,6 @@ class DeepCluster(SelfSupervisedMethod):
 
     Args:
         backbone: the trunk; its pooled conv5 map, flattened, is both the clustered feature and the MLP head's input.
-        sobel: whether ``backbone`` has the Sobel front end (checked; `fit` builds the trunk to match). True is
-            Caron et al.'s setting.
         num_clusters: k of k-means (default 100, see ``DEFAULT_NUM_CLUSTERS``).
         pool_size: patches drawn once and re-clustered every epoch (default 10,000).
         pca_dim: PCA-whitening dimension before k-means (256, Caron et al. §4).
@@ -122,6 +120,8 @@ class DeepCluster(SelfSupervisedMethod):
         head_widths: hidden widths of the classifier MLP between the trunk and the re-initialised top layer
             (Caron et al.'s fc6-fc7; default ``(1024, 1024)`` for the "cifar" AlexNet, ``(4096, 4096)`` for
             "imagenet"; ``()`` puts the top layer straight on the trunk, which overshoots at lr 0.05).
+        sobel: whether ``backbone`` has the Sobel front end (checked; `fit` builds the trunk to match). True is
+            Caron et al.'s setting.
     """
 
     #: `fit` builds the backbone with these options: DeepCluster sees Sobel gradients, not colour.
@@ -143,10 +143,11 @@ class DeepCluster(SelfSupervisedMethod):
         super().__init__(backbone, **kwargs)
         if not isinstance(sobel, (bool, np.bool_)):
             raise InputError(f"sobel must be True or False, got {sobel!r}")
-        if bool(getattr(backbone, "sobel", False)) != bool(sobel):
-            raise InputError(f"DeepCluster(sobel={bool(sobel)}) needs a trunk built with sobel={bool(sobel)}; "
-                             f"this one has sobel={bool(getattr(backbone, 'sobel', False))}")
         self.sobel = bool(sobel)
+        trunk_sobel = bool(getattr(backbone, "sobel", False))
+        if trunk_sobel != self.sobel:
+            raise InputError(f"DeepCluster(sobel={self.sobel}) needs a trunk built with sobel={self.sobel}; "
+                             f"this one has sobel={trunk_sobel}")
         for name, value, minimum in (
             ("num_clusters", num_clusters, 2),
             ("pool_size", pool_size, 2),
