@@ -65,9 +65,12 @@ ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg"), "random_resnet18": 
 #: Variants for issue #12 §5 ("make the methods earn it"): a method row with one option changed, or a random trunk
 #: built with a method's trunk option, chosen on val. DeepCluster's Sobel front end (Caron et al. §5) drops colour,
 #: which CIFAR-10 probes read from conv1 on: ``random_sobel`` measures what that costs an untrained trunk, and
-#: ``deepcluster_a_rgb`` trains DeepCluster on colour.
-ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": True}}
-ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None)})
+#: ``deepcluster_a_rgb`` trains DeepCluster on colour. ``bigan_a_equal_rates`` trains BiGAN at Donahue et al.'s
+#: equal rates (2e-4 for both players) instead of our two time-scales.
+ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": True},
+               "bigan_a_equal_rates": {"d_learning_rate": 2e-4, "eg_learning_rate": 2e-4}}
+ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None),
+             "bigan_a_equal_rates": ("bigan", "image_a.jpg")})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4

@@ -7,7 +7,8 @@ import keras
 from keras_oneimage.errors import InputError
 from keras_oneimage.methods import registry
 from keras_oneimage.methods.base import FitContext
-from keras_oneimage.methods.bigan import BiGAN, bigan_losses, build_discriminator, build_generator
+from keras_oneimage.methods.bigan import (BiGAN, bigan_diagnostics, bigan_losses, build_discriminator,
+                                         build_generator)
 from keras_oneimage.models import AlexNet
 
 TINY = (8, 16, 16, 16, 8)
@@ -73,6 +74,35 @@ def test_registry_compile_and_per_player_optimizers():
         _tiny_bigan().compile(optimizer={"d": keras.optimizers.Adam()})
     with pytest.raises(InputError, match="latent_dim"):
         BiGAN(AlexNet("cifar", 32, widths=TINY), latent_dim=0)
+
+
+def test_diagnostics_see_codes_off_support_and_a_discriminator_blind_to_codes():
+    model = _tiny_bigan(spectral_norm=False)
+    model.build()
+    x = tf.random.stateless_uniform((16, 32, 32, 3), seed=(0, 3))
+    fresh = bigan_diagnostics(model, x)
+    assert set(fresh) == {"code_std", "code_outside", "code_max_abs", "d_real", "d_fake", "d_real_random_code",
+                          "reconstruction_error", "random_code_error"}
+    assert fresh["code_std"] > 0 and fresh["code_max_abs"] >= fresh["code_std"]
+    for name in ("d_real", "d_fake", "d_real_random_code", "code_outside"):
+        assert 0.0 <= fresh[name] <= 1.0, name
+    assert bigan_diagnostics(model, x, seed=5) != fresh  # the seed draws other codes z and z'
+
+    # E maps every patch to the same code, 5 in every entry: all of it outside z's support, no spread
+    head = model.encoder_head.get_layer("z")
+    head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
+    head.bias.assign(np.full(head.bias.shape, 5.0, "float32"))
+    # D's code branch reads nothing: D judges real pairs by the image alone, whatever code comes with it
+    z_fc = model.discriminator.get_layer("z_fc")
+    z_fc.kernel.assign(np.zeros(z_fc.kernel.shape, "float32"))
+    off = bigan_diagnostics(model, x)
+    assert off["code_outside"] == 1.0 and off["code_std"] == pytest.approx(0.0, abs=1e-6)
+    assert off["code_max_abs"] == pytest.approx(5.0)
+    assert off["d_real_random_code"] == off["d_real"]
+    # one code for every patch: G draws the same picture for all of them
+    recon = model.generator(model.encode(x, training=False), training=False).numpy()
+    assert recon.std(axis=0).max() < 1e-6
+    assert off["reconstruction_error"] == pytest.approx(float(np.abs(x.numpy() - recon).mean()), rel=1e-5)
 
 
 def test_short_run_on_a_photo(photo_path, tmp_path):

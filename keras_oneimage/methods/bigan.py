@@ -332,6 +332,47 @@ class BiGAN(SelfSupervisedMethod):
         }
 
 
+def bigan_diagnostics(model: "BiGAN", x, seed: int = 0) -> dict[str, float]:
+    """What a trained BiGAN's game looks like on patches ``x`` (in [0, 1]): whether E's codes live where z does,
+    whether D judges pairs by their code at all, and whether E inverts G.
+
+    E learns only through D's code branch: if D tells real pairs from fake ones by the image alone, E's gradient
+    carries little about the image, and an adaptive optimizer still takes full-size steps on it. Returns:
+
+    * ``code_std``: mean over code dimensions of E(x)'s spread over the patches (z ~ U(-1, 1): 1/√3 ≈ 0.577);
+    * ``code_outside``: the fraction of E(x)'s entries outside [-1, 1], z's support; ``code_max_abs``;
+    * ``d_real``, ``d_fake``: D's accuracy on (x, E(x)) and on (G(z), z);
+    * ``d_real_random_code``: the fraction of (x, z') pairs, z' a fresh uniform draw, that D calls real. Near
+      ``d_real``, D ignores the code on real images;
+    * ``reconstruction_error``, ``random_code_error``: mean |x − G(E(x))| and mean |x − G(z')|. E inverts G only
+      if the first is well below the second.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    batch = int(x.shape[0])
+    codes = tf.cast(model.encode(x, training=False), tf.float32)
+    z = model.sample_latent(batch, tf.constant([int(seed), 1], tf.int64))
+    z_other = model.sample_latent(batch, tf.constant([int(seed), 2], tf.int64))
+
+    def logits(images, code):
+        return tf.cast(model.discriminator([tf.cast(images, x.dtype), tf.cast(code, z.dtype)], training=False),
+                       tf.float32)
+
+    fakes = tf.cast(model.generator(z, training=False), tf.float32)
+    recon = tf.cast(model.generator(codes, training=False), tf.float32)
+    random_recon = tf.cast(model.generator(z_other, training=False), tf.float32)
+    values = {
+        "code_std": tf.reduce_mean(tf.math.reduce_std(codes, axis=0)),
+        "code_outside": tf.reduce_mean(tf.cast(tf.abs(codes) > 1.0, tf.float32)),
+        "code_max_abs": tf.reduce_max(tf.abs(codes)),
+        "d_real": tf.reduce_mean(tf.cast(logits(x, codes) > 0, tf.float32)),
+        "d_fake": tf.reduce_mean(tf.cast(logits(fakes, z) < 0, tf.float32)),
+        "d_real_random_code": tf.reduce_mean(tf.cast(logits(x, z_other) > 0, tf.float32)),
+        "reconstruction_error": tf.reduce_mean(tf.abs(x - recon)),
+        "random_code_error": tf.reduce_mean(tf.abs(x - random_recon)),
+    }
+    return {name: float(value) for name, value in values.items()}
+
+
 class BiGANSamples(keras.callbacks.Callback):
     """Each epoch: ``output_dir/bigan_samples_epoch{E}.png`` (E from 1) with G(z) and x / G(E(x)) rows.
 
