@@ -338,9 +338,10 @@ def learning_rate_factor(global_batch: int, scaling: str = "none", reference_bat
 
 
 def method_optimizers(model) -> list:
-    """Every optimizer of a compiled method model (the main one, plus BiGAN's discriminator optimizer)."""
+    """Every optimizer of a compiled method model (the main one, plus BiGAN's discriminator optimizer and, when its
+    encoder has its own rate, the encoder's)."""
     found = []
-    for name in ("optimizer", "d_optimizer"):
+    for name in ("optimizer", "d_optimizer", "e_optimizer"):
         opt = getattr(model, name, None)
         if opt is not None and all(opt is not other for other in found):
             found.append(opt)

@@ -76,6 +76,46 @@ def test_registry_compile_and_per_player_optimizers():
         BiGAN(AlexNet("cifar", 32, widths=TINY), latent_dim=0)
 
 
+def test_encoder_learning_rate_of_its_own(tmp_path):
+    x = tf.random.stateless_uniform((8, 32, 32, 3), seed=(1, 2))
+    data = tf.data.Dataset.from_tensors(x).repeat()
+
+    def trained(**options):
+        keras.utils.set_random_seed(0)
+        model = _tiny_bigan(**options)
+        model.build()
+        model.compile()
+        before = [v.numpy().copy() for v in (model.backbone.get_layer("conv1").conv.kernel,
+                                             model.generator.get_layer("project").kernel)]
+        model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+        after = [v.numpy() for v in (model.backbone.get_layer("conv1").conv.kernel,
+                                     model.generator.get_layer("project").kernel)]
+        return model, [float(np.abs(a - b).max()) for a, b in zip(after, before)]
+
+    shared, (trunk_moved, g_moved) = trained()
+    assert shared.e_optimizer is None and trunk_moved > 1e-4 and g_moved > 1e-4
+    # E at a rate 1e5 times smaller than G's: G moves as before, the trunk barely does
+    model, (trunk_slow, g_slow) = trained(e_learning_rate=5e-9)
+    assert float(model.e_optimizer.learning_rate) == pytest.approx(5e-9)
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-4)
+    assert trunk_slow < 1e-6 < 1e-4 < g_slow
+    # each optimizer holds slots for its own player's variables only: G's, E's, D's
+    assert len(model.optimizer.variables) == 2 * len(model.generator.trainable_variables) + 2
+    assert len(model.e_optimizer.variables) == 2 * len(model.encoder_variables()) + 2
+    assert int(model.e_optimizer.iterations) == int(model.d_optimizer.iterations) == 3
+
+    # the encoder's optimizer, its rate and its state come back from model.keras
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.e_learning_rate == pytest.approx(5e-9)
+    assert float(loaded.e_optimizer.learning_rate) == pytest.approx(5e-9) and int(loaded.e_optimizer.iterations) == 3
+    with pytest.raises(InputError, match="e_learning_rate"):
+        _tiny_bigan(e_learning_rate=0.0)
+    with pytest.raises(InputError, match="'e'"):
+        _tiny_bigan().compile(optimizer={"d": keras.optimizers.Adam(), "eg": keras.optimizers.Adam(),
+                                         "encoder": keras.optimizers.Adam()})
+
+
 def test_diagnostics_see_codes_off_support_and_a_discriminator_blind_to_codes():
     model = _tiny_bigan(spectral_norm=False)
     model.build()

@@ -147,6 +147,10 @@ class BiGAN(SelfSupervisedMethod):
         spectral_norm: spectrally normalise D (Miyato et al. 2018).
         d_learning_rate, eg_learning_rate: Adam learning rates of `default_optimizer` (5e-5 for D, 5e-4 for E and
             G; Donahue et al. use 2e-4 for both, at which D wins the single-image runs outright).
+        e_learning_rate: the encoder's own Adam rate, apart from G's; None (default): E shares G's optimizer and
+            ``eg_learning_rate``. E learns only through D's code branch, so when D judges pairs by their image, E's
+            gradient says little and an adaptive optimizer still takes full steps on it (`bigan_diagnostics`): a
+            slower E than G keeps the trunk nearer what it learned.
         seed: seeds the z draws; default: drawn from Python's RNG (fixed by ``keras.utils.set_random_seed``).
     """
 
@@ -160,6 +164,7 @@ class BiGAN(SelfSupervisedMethod):
         spectral_norm: bool = True,
         d_learning_rate: float = D_LEARNING_RATE,
         eg_learning_rate: float = EG_LEARNING_RATE,
+        e_learning_rate: float | None = None,
         seed: int | None = None,
         **kwargs,
     ):
@@ -170,11 +175,15 @@ class BiGAN(SelfSupervisedMethod):
             validation.positive_int(name, value)
         if not 0.0 <= float(dropout) < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
-        for name, value in (("d_learning_rate", d_learning_rate), ("eg_learning_rate", eg_learning_rate)):
+        rates = [("d_learning_rate", d_learning_rate), ("eg_learning_rate", eg_learning_rate)]
+        if e_learning_rate is not None:
+            rates.append(("e_learning_rate", e_learning_rate))
+        for name, value in rates:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InputError(f"{name} must be a positive number, got {value!r}")
         self.d_learning_rate = float(d_learning_rate)
         self.eg_learning_rate = float(eg_learning_rate)
+        self.e_learning_rate = None if e_learning_rate is None else float(e_learning_rate)
         self.latent_dim = int(latent_dim)
         self.generator_width = int(generator_width)
         self.discriminator_width = int(discriminator_width)
@@ -191,6 +200,7 @@ class BiGAN(SelfSupervisedMethod):
         self.discriminator = build_discriminator(self.latent_dim, size, self.discriminator_width, self.dropout,
                                                  self.spectral_norm)
         self.d_optimizer: keras.optimizers.Optimizer | None = None
+        self.e_optimizer: keras.optimizers.Optimizer | None = None  # set only when E has its own rate
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("d_loss", "eg_loss", "d_accuracy", "d_acc_real", "d_acc_fake")
@@ -219,45 +229,64 @@ class BiGAN(SelfSupervisedMethod):
         self.built = True
         self._build_optimizers()
 
+    def encoder_variables(self) -> list:
+        """Trainable variables of the encoder: the trunk and its head to z."""
+        return [*self.backbone.trainable_variables, *self.encoder_head.trainable_variables]
+
     def eg_variables(self) -> list:
         """Trainable variables of the encoder (trunk + head) and the generator."""
-        return [*self.backbone.trainable_variables, *self.encoder_head.trainable_variables,
-                *self.generator.trainable_variables]
+        return [*self.encoder_variables(), *self.generator.trainable_variables]
+
+    def _player_variables(self) -> dict[str, list]:
+        """``{optimizer key: the variables it updates}``: E goes with G unless it has its own optimizer."""
+        if self.e_optimizer is None:
+            return {"d": self.discriminator.trainable_variables, "eg": self.eg_variables()}
+        return {"d": self.discriminator.trainable_variables, "eg": self.generator.trainable_variables,
+                "e": self.encoder_variables()}
 
     # ------------------------------------------------------------------------------------------------ optimizers
     def default_optimizer(self) -> dict[str, keras.optimizers.Optimizer]:
-        """``{"d": Adam, "eg": Adam}`` with β1 = 0.5 and the ``d_/eg_learning_rate`` options (Donahue et al. §4)."""
-        return {
-            "d": keras.optimizers.Adam(self.d_learning_rate, beta_1=ADAM_BETA_1, beta_2=0.999),
-            "eg": keras.optimizers.Adam(self.eg_learning_rate, beta_1=ADAM_BETA_1, beta_2=0.999),
-        }
+        """``{"d": Adam, "eg": Adam}`` with β1 = 0.5 and the ``d_/eg_learning_rate`` options (Donahue et al. §4),
+        plus ``"e"`` at ``e_learning_rate`` for the encoder when that option is set (then "eg" steps G only)."""
+        rates = {"d": self.d_learning_rate, "eg": self.eg_learning_rate}
+        if self.e_learning_rate is not None:
+            rates["e"] = self.e_learning_rate
+        return {key: keras.optimizers.Adam(rate, beta_1=ADAM_BETA_1, beta_2=0.999) for key, rate in rates.items()}
 
     def compile(self, optimizer=None, **kwargs):
-        """``optimizer``: ``{"d": …, "eg": …}``, one optimizer (cloned for D), or None for `default_optimizer`."""
+        """``optimizer``: ``{"d": …, "eg": …}`` (and ``"e": …`` to give the encoder its own), one optimizer (cloned
+        for D), or None for `default_optimizer`."""
         if optimizer is None:
             optimizer = self.default_optimizer()
         if isinstance(optimizer, dict):
-            unknown = set(optimizer) - {"d", "eg"}
+            unknown = set(optimizer) - {"d", "eg", "e"}
             if unknown or not {"d", "eg"} <= set(optimizer):
-                raise InputError(f"BiGAN optimizers must be a dict with keys 'd' and 'eg', got {sorted(optimizer)}")
-            d_opt, eg_opt = optimizer["d"], optimizer["eg"]
+                raise InputError("BiGAN optimizers must be a dict with keys 'd' and 'eg' (and optionally 'e'), "
+                                 f"got {sorted(optimizer)}")
+            d_opt, eg_opt, e_opt = optimizer["d"], optimizer["eg"], optimizer.get("e")
         else:
             eg_opt = keras.optimizers.get(optimizer)
             d_opt = eg_opt.__class__.from_config(eg_opt.get_config())
+            e_opt = None
         super().compile(optimizer=eg_opt, **kwargs)
         self.d_optimizer = d_opt
+        self.e_optimizer = e_opt
         self._build_optimizers()
 
+    def _optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
+        found = {"d": getattr(self, "d_optimizer", None), "eg": getattr(self, "optimizer", None),
+                 "e": getattr(self, "e_optimizer", None)}
+        return {key: opt for key, opt in found.items() if opt is not None}
+
     def get_compile_config(self) -> dict | None:
-        if getattr(self, "d_optimizer", None) is None or getattr(self, "optimizer", None) is None:
+        optimizers = self._optimizers()
+        if not {"d", "eg"} <= set(optimizers):
             return None
-        return {
-            "d": keras.saving.serialize_keras_object(self.d_optimizer),
-            "eg": keras.saving.serialize_keras_object(self.optimizer),
-        }
+        return {key: keras.saving.serialize_keras_object(opt) for key, opt in optimizers.items()}
 
     def compile_from_config(self, config: dict) -> None:
-        self.compile({name: keras.saving.deserialize_keras_object(config[name]) for name in ("d", "eg")})
+        self.compile({key: keras.saving.deserialize_keras_object(value) for key, value in config.items()
+                      if key in ("d", "eg", "e")})
 
     @property
     def eg_optimizer(self) -> keras.optimizers.Optimizer:
@@ -268,10 +297,10 @@ class BiGAN(SelfSupervisedMethod):
         # optimizer slots for every trainable variable).
         if not self.built or self.d_optimizer is None or getattr(self, "optimizer", None) is None:
             return
-        if not self.optimizer.built:
-            self.optimizer.build(self.eg_variables())
-        if not self.d_optimizer.built:
-            self.d_optimizer.build(self.discriminator.trainable_variables)
+        optimizers = self._optimizers()
+        for key, variables in self._player_variables().items():
+            if not optimizers[key].built:
+                optimizers[key].build(variables)
 
     # ------------------------------------------------------------------------------------------------ training
     def sample_latent(self, batch: int, seed) -> tf.Tensor:
@@ -299,11 +328,11 @@ class BiGAN(SelfSupervisedMethod):
             )
             real_logits, fake_logits = logits[:batch], logits[batch:]
             d_loss, eg_loss = bigan_losses(real_logits, fake_logits)
-            d_scaled = self.scaled_loss(d_loss, self.d_optimizer)
-            eg_scaled = self.scaled_loss(eg_loss, self.optimizer)
+            optimizers = self._optimizers()
+            scaled = {key: self.scaled_loss(d_loss if key == "d" else eg_loss, opt) for key, opt in optimizers.items()}
         # Simultaneous updates of both players from the same forward pass.
-        self.minimize(d_scaled, tape, self.discriminator.trainable_variables, self.d_optimizer)
-        self.minimize(eg_scaled, tape, self.eg_variables(), self.optimizer)
+        for key, variables in self._player_variables().items():
+            self.minimize(scaled[key], tape, variables, optimizers[key])
         del tape
         acc_real = tf.reduce_mean(tf.cast(real_logits > 0, tf.float32))
         acc_fake = tf.reduce_mean(tf.cast(fake_logits < 0, tf.float32))
@@ -328,6 +357,7 @@ class BiGAN(SelfSupervisedMethod):
             "spectral_norm": self.spectral_norm,
             "d_learning_rate": self.d_learning_rate,
             "eg_learning_rate": self.eg_learning_rate,
+            "e_learning_rate": self.e_learning_rate,
             "seed": self.seed,
         }
 
