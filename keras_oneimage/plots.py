@@ -153,15 +153,18 @@ def conv1_filter_grid(model, path: PathLike, *, title: str | None = None) -> pat
     return _save(fig, path)
 
 
-def conv1_filter_comparison(models: Mapping[str, Any], path: PathLike) -> pathlib.Path:
-    """Save the conv1 filter grids of several models side by side, one titled panel each (paper Fig. 3)."""
+def conv1_filter_comparison(models: Mapping[str, Any], path: PathLike, *, ncols: int = 5) -> pathlib.Path:
+    """Save the conv1 filter grids of several models, one titled panel each (paper Fig. 3): side by side, in rows
+    of at most ``ncols`` panels, so that a whole table's trunks stay legible."""
     from matplotlib.figure import Figure
 
     if not models:
         raise ValueError("conv1_filter_comparison needs at least one model")
-    fig = Figure(figsize=(3.2 * len(models), 3.6))
+    cols = min(len(models), ncols)
+    rows = -(-len(models) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
     for i, (name, model) in enumerate(models.items()):
-        _show(fig.add_subplot(1, len(models), i + 1), conv1_filter_mosaic(model), name)
+        _show(fig.add_subplot(rows, cols, i + 1), conv1_filter_mosaic(model), name)
     return _save(fig, path)
 
 

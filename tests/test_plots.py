@@ -86,6 +86,10 @@ def test_conv1_filter_comparison_shows_each_model(tmp_path):
     one = _read_nonconstant(conv1_filter_comparison({"rgb": rgb}, tmp_path / "one.png"))
     two = _read_nonconstant(conv1_filter_comparison({"rgb": rgb, "sobel": sobel}, tmp_path / "two.png"))
     assert two.shape[1] > 1.5 * one.shape[1]  # a panel per model, side by side
+    # more panels than ncols wrap into rows: three models in rows of two are two panels wide and two high
+    three = _read_nonconstant(conv1_filter_comparison({"a": rgb, "b": sobel, "c": rgb}, tmp_path / "three.png",
+                                                      ncols=2))
+    assert three.shape[1] < 1.2 * two.shape[1] and three.shape[0] > 1.5 * two.shape[0]
     with pytest.raises(ValueError):
         conv1_filter_comparison({}, tmp_path / "none.png")
 
