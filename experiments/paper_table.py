@@ -353,7 +353,8 @@ def report(args: argparse.Namespace) -> str:
     name = args.section
     figures = pathlib.Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    mean_test = {row: {k: v / 100 for k, v in _test_means(recs).items()} for row, recs in records.items()}
+    means = {row: _test_means(recs) for row, recs in records.items()}
+    mean_test = {row: {k: v / 100 for k, v in row_means.items()} for row, row_means in means.items()}
     layer_accuracy_plot(mean_test, figures / f"{name}_layers.png",
                         title=f"CIFAR-10 (JPEG) linear probes, test ({args.protocol} protocol)")
     trunks = {}
@@ -370,7 +371,6 @@ def report(args: argparse.Namespace) -> str:
         conv1_filter_comparison(trunks, figures / f"{name}_conv1.png")
 
     sup = records.get("supervised")
-    sup_means = _test_means(sup) if sup else None
     lines = [f"<!-- {name}:start -->",
              f"### Test accuracy per layer, {args.protocol} protocol, {args.image_size} px (mean ± spread over seeds)", "",
              "| row | seeds | conv1 | conv2 | conv3 | conv4 | conv5 | Δ conv1 vs sup. | Δ conv2 vs sup. | "
@@ -378,12 +378,8 @@ def report(args: argparse.Namespace) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row, recs in records.items():
         cells = [_mean_spread([100 * r["probe"]["test"][k] for r in recs]) for k in TAPS]
-        deltas = []
-        for k in ("conv1", "conv2", "conv3"):
-            if sup:
-                deltas.append(f"{_test_means(recs)[k] - sup_means[k]:+.1f}")
-            else:
-                deltas.append("—")
+        deltas = [f"{means[row][k] - means['supervised'][k]:+.1f}" if sup else "—"
+                  for k in ("conv1", "conv2", "conv3")]
         val = [_mean_spread([100 * r["probe"]["val"][k] for r in recs]) for k in ("conv1", "conv2")]
         steps = recs[0].get("steps") or (f"{recs[0].get('supervised_epochs', 0)} epochs" if row == "supervised" else 0)
         patches = recs[0].get("patches") or recs[0].get("labelled_images_seen", 0)
