@@ -29,6 +29,8 @@ Variant names (``--variants``, comma-separated):
                      (the lever's before/after)
       -fusedsgd      ``keras_oneimage.optimizers.FusedSGD`` with the method's SGD arguments instead of Keras's SGD
                      (the lever's before/after)
+      -tfgrad        stock ``keras.layers.Conv2D`` (TensorFlow's ``Conv2DBackpropFilter`` everywhere) instead of our
+                     ``SmallMapConv2D`` (matmul filter gradients on conv3-conv5's small maps; the lever's before/after)
   torch[-bf16][-cl][-compile]                       the PyTorch step on one fixed random batch
       -bf16          ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass
       -cl            ``channels_last`` memory format
@@ -36,13 +38,15 @@ Variant names (``--variants``, comma-separated):
                      machine the variant is reported as failed and skipped
 
 Without PyTorch installed the ``torch`` variants are skipped (ratios are then printed against the first
-variant). ``--accuracy`` instead trains float32 and mixed_bfloat16 RotNets and compares their linear-probe
-accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
+variant). ``--accuracy`` instead trains RotNets with and without a lever (``--accuracy-arms``: float32 against
+mixed_bfloat16 by default, ``bf16,bf16-tfgrad`` for the filter-gradient lever) on the same seed and compares their
+loss curves and linear-probe accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
 
     .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--steps 3]
         [--variants keras-bf16,keras-bf16-fusedsgd,torch-bf16-cl,torch-bf16-cl-compile] [--threads INTRA,INTER] [--torch-threads N]
         [--no-memory] [--json out.json] [--quick]
     .venv/bin/python experiments/bench_train.py --accuracy [--sizes 64] [--batch 32] [--accuracy-steps 240]
+        [--accuracy-arms random,fp32,bf16] [--accuracy-epochs 4]
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -78,7 +83,8 @@ def parse_variant(name: str) -> dict:
     if framework not in ("keras", "torch"):
         raise ValueError(f"variant {name!r}: must start with 'keras' or 'torch'")
     spec = {"name": name, "framework": framework, "precision": "fp32", "jit": None, "spe": None, "pipe": False,
-            "channels_last": False, "keras_bn": False, "fused_sgd": False, "compile": False}
+            "channels_last": False, "keras_bn": False, "fused_sgd": False, "tf_grad": False,
+            "compile": False}
     for tok in tokens[1:]:
         if tok in ("fp32", "bf16"):
             spec["precision"] = tok
@@ -92,6 +98,8 @@ def parse_variant(name: str) -> dict:
             spec["keras_bn"] = True
         elif tok == "fusedsgd" and framework == "keras":
             spec["fused_sgd"] = True
+        elif tok == "tfgrad" and framework == "keras":
+            spec["tf_grad"] = True
         elif tok == "cl" and framework == "torch":
             spec["channels_last"] = True
         elif tok == "compile" and framework == "torch":
@@ -126,6 +134,24 @@ def _stock_batchnorm(enabled: bool):
         alexnet.FusedBatchNormalization, rotnet.FusedBatchNormalization = saved
 
 
+@contextlib.contextmanager
+def _stock_conv(enabled: bool):
+    """Build with ``keras.layers.Conv2D`` in place of ``SmallMapConv2D`` (lever A/B only)."""
+    if not enabled:
+        yield
+        return
+    import keras
+
+    from keras_oneimage.models import alexnet
+
+    saved = alexnet.SmallMapConv2D
+    alexnet.SmallMapConv2D = keras.layers.Conv2D
+    try:
+        yield
+    finally:
+        alexnet.SmallMapConv2D = saved
+
+
 class KerasStep:
     """Our RotNet, compiled as ``fit`` compiles it; ``run(n)`` does ``n`` training steps through ``train_function``."""
 
@@ -143,7 +169,7 @@ class KerasStep:
         keras.utils.set_random_seed(seed)
         # as keras_oneimage.fit builds it: inside a precision scope, which the models record in their config
         with precision_scope("mixed_bfloat16" if spec["precision"] == "bf16" else "float32"):
-            with _stock_batchnorm(spec["keras_bn"]):
+            with _stock_batchnorm(spec["keras_bn"]), _stock_conv(spec["tf_grad"]):
                 model = RotNet(AlexNet(alexnet_variant(size), size, widths=widths), head_widths=head)
         compile_kw = {}
         if spec["jit"] is not None:
@@ -181,7 +207,8 @@ class KerasStep:
         policy = "mixed_bfloat16" if self.spec["precision"] == "bf16" else "float32"
         data = "patch_dataset" if self.spec["pipe"] else "fixed batch"
         bn = "stock Keras BN" if self.spec["keras_bn"] else "fused BN"
-        return (f"{policy}, jit_compile={self.jit}, steps_per_execution={self.steps_per_call}, {bn}, "
+        conv = "TF filter grads" if self.spec["tf_grad"] else "matmul filter grads on small maps"
+        return (f"{policy}, jit_compile={self.jit}, steps_per_execution={self.steps_per_call}, {bn}, {conv}, "
                 f"{self.optimizer_name}, {data}")
 
     def round_steps(self, steps: int) -> int:
@@ -410,11 +437,18 @@ def report(size: int, batch: int, result: dict, memory: dict, reference: str) ->
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
+#: ``--accuracy-arms`` tokens: (precision policy, train at all, stock Conv2D filter gradients).
+ACCURACY_ARMS = {"random": ("float32", False, False), "fp32": ("float32", True, False),
+                 "bf16": ("mixed_bfloat16", True, False), "fp32-tfgrad": ("float32", True, True),
+                 "bf16-tfgrad": ("mixed_bfloat16", True, True)}
+
+
 def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class: int, probe_epochs: int,
-                   seed: int = 0) -> dict:
-    """Does ``mixed_bfloat16`` cost probe accuracy? Trains RotNet as ``fit`` does (default head, SGD) in float32
-    and in mixed_bfloat16 on the same patch stream, then fits linear probes on every tap over a CIFAR-10 subset
-    (``per_class`` train and test images per class); a random-init trunk is the floor."""
+                   seed: int = 0, arms: Sequence[str] = ("random", "fp32", "bf16"), epochs: int = 4) -> dict:
+    """Does a lever change what RotNet learns? Trains RotNet as ``fit`` does (default head, SGD) once per arm on
+    the same seed and patch stream (``fp32`` / ``bf16``: the precision policy; ``-tfgrad``: stock Conv2D filter
+    gradients, the before of the ``SmallMapConv2D`` lever), prints each epoch's loss, then fits linear probes on
+    every tap over a CIFAR-10 subset (``per_class`` train and test images per class); ``random`` is the floor."""
     import keras
 
     from keras_oneimage.data.images import load_image
@@ -426,28 +460,33 @@ def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class:
     from keras_oneimage.probes import probe
     from keras_oneimage.training import run_training
 
+    unknown = [a for a in arms if a not in ACCURACY_ARMS]
+    if unknown:
+        raise SystemExit(f"unknown --accuracy-arms {unknown}; choose from {', '.join(ACCURACY_ARMS)}")
     data = load_labelled("cifar10", max_per_class=per_class, seed=seed)
     source = [load_image(image)]
     rows = {}
-    for name, policy, train_steps in (("random init", "float32", 0), ("float32", "float32", steps),
-                                      ("mixed_bfloat16", "mixed_bfloat16", steps)):
+    for name in arms:
+        policy, train, stock_conv = ACCURACY_ARMS[name]
         keras.utils.set_random_seed(seed)
-        with precision_scope(policy):
+        with precision_scope(policy), _stock_conv(stock_conv):
             model = RotNet(AlexNet(alexnet_variant(size), size))
         start = time.perf_counter()
         history = {}
-        if train_steps:
+        if train:
             stream = patch_dataset(source, image_size=size, batch_size=batch, seed=seed)
-            epochs = 4
-            history = run_training(model, stream, epochs=epochs, steps_per_epoch=max(1, train_steps // epochs),
+            history = run_training(model, stream, epochs=epochs, steps_per_epoch=max(1, steps // epochs),
                                    verbose=0).history
         train_s = time.perf_counter() - start
         accs = probe(model.backbone, data, epochs=probe_epochs, seed=seed, verbose=0)
         rows[name] = {"probe": accs, "train_s": train_s, "loss": history.get("loss", [None])[-1],
+                      "loss_curve": history.get("loss", []),
                       "rotation_accuracy": history.get("rotation_accuracy", [None])[-1]}
-        print(f"  {name:<15} train {train_s:6.0f}s  final loss {rows[name]['loss'] or float('nan'):.3f}  "
+        print(f"  {name:<12} train {train_s:6.0f}s  final loss {rows[name]['loss'] or float('nan'):.3f}  "
               f"rotation acc {rows[name]['rotation_accuracy'] or float('nan'):.3f}  probe "
               + " ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
+        if history:
+            print("               loss per epoch " + " ".join(f"{v:.4f}" for v in history["loss"]), flush=True)
     return rows
 
 
@@ -473,6 +512,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="instead of timing: train float32 and mixed_bfloat16 RotNets for --accuracy-steps at "
                              "the first of --sizes and compare linear-probe accuracy on a CIFAR-10 subset")
     parser.add_argument("--accuracy-steps", type=int, default=400)
+    parser.add_argument("--accuracy-epochs", type=int, default=4, help="epochs the steps are split into (loss curve)")
+    parser.add_argument("--accuracy-arms", default="random,fp32,bf16",
+                        help=f"comma-separated, from {', '.join(ACCURACY_ARMS)}")
     parser.add_argument("--probe-per-class", type=int, default=100)
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -500,10 +542,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     if args.accuracy:
-        print(f"accuracy check: {sizes[0]} px, batch {args.batch}, {args.accuracy_steps} steps, probes on "
+        print(f"accuracy check ({args.accuracy_arms}): {sizes[0]} px, batch {args.batch}, {args.accuracy_steps} steps, probes on "
               f"{args.probe_per_class} CIFAR-10 images per class, {args.probe_epochs} epochs", flush=True)
         rows = accuracy_check(size=sizes[0], batch=args.batch, steps=args.accuracy_steps, image=args.image,
-                              per_class=args.probe_per_class, probe_epochs=args.probe_epochs)
+                              per_class=args.probe_per_class, probe_epochs=args.probe_epochs,
+                              arms=[a.strip() for a in args.accuracy_arms.split(",") if a.strip()],
+                              epochs=args.accuracy_epochs)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return rows

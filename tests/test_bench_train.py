@@ -70,7 +70,8 @@ def test_variant_tokens_and_peer_best():
     parse, peer_best = script["parse_variant"], script["peer_best"]
     assert parse("keras-bf16-fusedsgd")["fused_sgd"] and not parse("keras-bf16")["fused_sgd"]
     assert parse("torch-bf16-cl-compile")["compile"] and parse("torch-bf16-cl-compile")["channels_last"]
-    for bad in ("keras-bf16-compile", "torch-fusedsgd"):
+    assert parse("keras-bf16-tfgrad")["tf_grad"] and not parse("keras-bf16")["tf_grad"]
+    for bad in ("keras-bf16-compile", "torch-fusedsgd", "torch-tfgrad"):
         with pytest.raises(ValueError):
             parse(bad)
     assert "torch-bf16-cl" in script["DEFAULT_VARIANTS"].split(",")
@@ -79,6 +80,26 @@ def test_variant_tokens_and_peer_best():
     rates = {"keras-bf16": [9.0, 9.0], "torch": [1.0, 2.0], "torch-bf16-cl": [3.0, 2.5]}
     assert peer_best(specs, {"rates": rates}) == "torch-bf16-cl"
     assert peer_best(specs[:1], {"rates": {"keras-bf16": [1.0]}}) == "keras-bf16"
+
+
+def test_tfgrad_builds_the_lever_before():
+    """``-tfgrad`` builds the trunk with stock Conv2D layers; the default with SmallMapConv2D; the swap is undone."""
+    import keras
+
+    from keras_oneimage.models import AlexNet, conv
+
+    script = runpy.run_path(str(SCRIPT), run_name="bench_train_module")
+
+    def conv_types():
+        trunk = AlexNet("cifar", 32, widths=(4, 4, 4, 4, 4))
+        return {type(layer) for layer in trunk._flatten_layers() if isinstance(layer, keras.layers.Conv2D)}
+
+    with script["_stock_conv"](True):
+        assert conv_types() == {keras.layers.Conv2D}
+    assert conv_types() == {conv.SmallMapConv2D}
+    with pytest.raises(SystemExit, match="unknown --accuracy-arms"):
+        script["accuracy_check"](size=32, batch=2, steps=1, image=pathlib.Path("x"), per_class=1, probe_epochs=1,
+                                 arms=["bf16", "int8"])
 
 
 def test_a_failing_torch_compile_is_reported_and_skipped(tmp_path):

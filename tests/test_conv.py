@@ -1,0 +1,119 @@
+"""keras_oneimage.models.conv.SmallMapConv2D: Keras's Conv2D outputs and gradients, with a matmul filter gradient."""
+import pathlib
+import runpy
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_oneimage.models import conv as conv_module
+from keras_oneimage.models.alexnet import AlexNet
+from keras_oneimage.models.conv import SmallMapConv2D
+from keras_oneimage.precision import precision_scope
+
+
+def _pair(policy="float32", **kwargs):
+    """A stock Conv2D and a SmallMapConv2D with the same arguments and the same weights."""
+    with precision_scope(policy):
+        stock = keras.layers.Conv2D(**kwargs)
+        ours = SmallMapConv2D(**kwargs)
+    return stock, ours
+
+
+def _grads_of(layer, x, upstream):
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+    dx, *dws = tape.gradient(loss, [x, *layer.trainable_variables])
+    return y.numpy().astype(np.float32), dx.numpy().astype(np.float32), [d.numpy() for d in dws]
+
+
+@pytest.mark.parametrize("side,kernel,use_bias", [(4, 3, False), (8, 3, True), (7, 5, False), (5, 1, True)])
+def test_same_outputs_and_gradients_as_keras_conv2d(side, kernel, use_bias):
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, side, side, 6).astype("float32")
+    stock, ours = _pair(filters=5, kernel_size=kernel, padding="same", use_bias=use_bias)
+    stock.build(x.shape)
+    ours.build(x.shape)
+    ours.set_weights([w + rng.randn(*w.shape).astype("float32") * 0.1 for w in stock.get_weights()])
+    stock.set_weights(ours.get_weights())
+    assert ours._matmul_filter_grad_applies(tf.zeros(x.shape))
+    upstream = rng.randn(3, side, side, 5).astype("float32")
+    for a, b in zip(_grads_of(ours, x, upstream), _grads_of(stock, x, upstream)):
+        if isinstance(a, list):
+            for ga, gb in zip(a, b):
+                np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_filter_gradient_is_used_and_matches_under_bfloat16():
+    """Under mixed_bfloat16 the kernel gradient (float32, through the cast) matches the stock layer's to bf16
+    rounding, and the custom path is the one that ran (its gradient graph has MatMul ops, no
+    Conv2DBackpropFilter)."""
+    rng = np.random.RandomState(1)
+    x = rng.randn(4, 8, 8, 16).astype("float32")
+    stock, ours = _pair("mixed_bfloat16", filters=8, kernel_size=3, padding="same", use_bias=False)
+    stock.build(x.shape)
+    ours.build(x.shape)
+    stock.set_weights(ours.get_weights())
+    upstream = rng.randn(4, 8, 8, 8).astype("float32")
+    _, _, (dw_ours,) = _grads_of(ours, x, upstream)
+    _, _, (dw_stock,) = _grads_of(stock, x, upstream)
+    assert dw_ours.dtype == np.float32
+    scale = np.abs(dw_stock).max()
+    np.testing.assert_allclose(dw_ours / scale, dw_stock / scale, atol=2e-2)
+
+    @tf.function
+    def grad_graph(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.cast(ours(x), tf.float32))
+        return tape.gradient(loss, ours.trainable_variables)
+
+    ops = {op.type for op in grad_graph.get_concrete_function(tf.constant(x)).graph.get_operations()}
+    assert "Conv2DBackpropFilter" not in ops and {"MatMul", "BatchMatMulV2"} & ops
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(strides=2, padding="same"), (2, 8, 8, 3)),
+    (dict(padding="valid"), (2, 8, 8, 3)),
+    (dict(padding="same", dilation_rate=2), (2, 8, 8, 3)),
+    (dict(padding="same"), (2, conv_module.MATMUL_FILTER_GRAD_MAX_SIDE + 1, 4, 3)),
+    (dict(padding="same"), (2, None, None, 3)),
+], ids=["stride-2", "valid", "dilated", "large-map", "unknown-size"])
+def test_other_convolutions_keep_keras_path(kwargs, shape):
+    layer = SmallMapConv2D(filters=4, kernel_size=3, **kwargs)
+    assert not layer._matmul_filter_grad_applies(keras.KerasTensor(shape))
+
+
+def test_even_kernel_keeps_keras_path():
+    layer = SmallMapConv2D(filters=4, kernel_size=2, padding="same")
+    assert not layer._matmul_filter_grad_applies(keras.KerasTensor((2, 4, 4, 3)))
+
+
+def test_alexnet_uses_it_and_round_trips(tmp_path):
+    """AlexNet's conv blocks are SmallMapConv2D (conv3-5 of a 32 px cifar trunk get the matmul gradient), and a
+    saved trunk reloads with the same weights and outputs."""
+    keras.utils.set_random_seed(0)
+    model = AlexNet("cifar", 32, widths=(8, 16, 24, 24, 16))
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    y = model(x)
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(isinstance(c, SmallMapConv2D) for c in convs)
+    model.save(tmp_path / "t.keras")
+    loaded = keras.saving.load_model(tmp_path / "t.keras")
+    np.testing.assert_allclose(loaded(x).numpy(), y.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_filter_gradient_benchmark_runs_and_agrees():
+    """experiments/bench_filter_grad.py --quick: both ways run at every AlexNet shape and give the same gradient."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_filter_grad.py"
+    rows = runpy.run_path(str(script), run_name="bench_filter_grad")["main"](["--quick", "--dtype", "float32"])
+    assert len(rows) == 10 and {r["side"] for r in rows} >= {4, 8, 16}
+    for row in rows:
+        assert row["tf_ms"] > 0 and row["matmul_ms"] > 0
+        assert row["max_rel_diff"] < 1e-4, row
