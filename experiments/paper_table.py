@@ -70,9 +70,18 @@ ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg"), "random_resnet18": 
 #: steps the encoder at D's 5e-5 instead of G's 5e-4 (RESULTS.md: E's gradient says little, and Adam takes full steps).
 ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": True},
                "bigan_a_equal_rates": {"d_learning_rate": 2e-4, "eg_learning_rate": 2e-4},
-               "bigan_a_slow_encoder": {"e_learning_rate": 5e-5}}
+               "bigan_a_slow_encoder": {"e_learning_rate": 5e-5}, "bigan_b_slow_encoder": {"e_learning_rate": 5e-5},
+               # DeepCluster's §5 knobs, each on top of the colour input that beat Sobel on val (RESULTS.md):
+               # k above and below the default 100, and a smaller PCA.
+               "deepcluster_a_rgb_k1000": {"sobel": False, "num_clusters": 1000},
+               "deepcluster_a_rgb_k20": {"sobel": False, "num_clusters": 20},
+               "deepcluster_a_rgb_pca64": {"sobel": False, "pca_dim": 64}}
 ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None),
-             "bigan_a_equal_rates": ("bigan", "image_a.jpg"), "bigan_a_slow_encoder": ("bigan", "image_a.jpg")})
+             "bigan_a_equal_rates": ("bigan", "image_a.jpg"), "bigan_a_slow_encoder": ("bigan", "image_a.jpg"),
+             "bigan_b_slow_encoder": ("bigan", "image_b.jpg"),
+             "deepcluster_a_rgb_k1000": ("deepcluster", "image_a.jpg"),
+             "deepcluster_a_rgb_k20": ("deepcluster", "image_a.jpg"),
+             "deepcluster_a_rgb_pca64": ("deepcluster", "image_a.jpg")})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4
