@@ -55,9 +55,14 @@ def test_generator_and_discriminator_shapes(size):
 
 def test_registry_compile_and_per_player_optimizers():
     assert registry.get("bigan") is BiGAN
-    model = _tiny_bigan(d_learning_rate=4e-4, eg_learning_rate=1e-4)
+    default = _tiny_bigan()
+    default.compile()  # the default: E has an Adam of its own, at D's rate and a tenth of G's
+    assert float(default.e_optimizer.learning_rate) == pytest.approx(5e-5)
+    assert float(default.d_optimizer.learning_rate) == pytest.approx(5e-5)
+    assert float(default.eg_optimizer.learning_rate) == pytest.approx(5e-4)
+    model = _tiny_bigan(d_learning_rate=4e-4, eg_learning_rate=1e-4, e_learning_rate=None)
     model.build()
-    model.compile()  # the default: one Adam per player, with the requested (here two time-scale) rates
+    model.compile()  # E shares G's Adam: one Adam per player, with the requested (here two time-scale) rates
     assert float(model.d_optimizer.learning_rate) == pytest.approx(4e-4)
     assert float(model.eg_optimizer.learning_rate) == pytest.approx(1e-4)
     assert model.d_optimizer.beta_1 == 0.5 and model.eg_optimizer.beta_1 == 0.5
@@ -92,7 +97,7 @@ def test_encoder_learning_rate_of_its_own(tmp_path):
                                      model.generator.get_layer("project").kernel)]
         return model, [float(np.abs(a - b).max()) for a, b in zip(after, before)]
 
-    shared, (trunk_moved, g_moved) = trained()
+    shared, (trunk_moved, g_moved) = trained(e_learning_rate=None)
     assert shared.e_optimizer is None and trunk_moved > 1e-4 and g_moved > 1e-4
     # E at a rate 1e5 times smaller than G's: G moves as before, the trunk barely does
     model, (trunk_slow, g_slow) = trained(e_learning_rate=5e-9)
@@ -200,3 +205,16 @@ def test_divergence_stops_with_the_epoch_and_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"d_loss became nan at epoch 1/2, step 1/3"):
         run_training(model, nan_patches, epochs=2, steps_per_epoch=3, output_dir=tmp_path, verbose=0)
     assert not list(tmp_path.glob("bigan_samples_epoch*.png"))
+
+
+def test_config_saved_before_the_encoder_rate_existed_loads_with_a_shared_optimizer():
+    """model.keras files from before ``e_learning_rate`` trained E on G's Adam; they must reload that way, not with
+    today's default of an encoder optimizer of its own."""
+    config = _tiny_bigan().get_config()
+    assert config["e_learning_rate"] == pytest.approx(5e-5)
+    del config["e_learning_rate"]
+    old = BiGAN.from_config(config)
+    assert old.e_learning_rate is None
+    old.compile()
+    assert old.e_optimizer is None and set(old.get_compile_config()) == {"d", "eg"}
+    assert BiGAN.from_config({**config, "e_learning_rate": 1e-5}).e_learning_rate == pytest.approx(1e-5)

@@ -85,9 +85,9 @@ def test_learning_rate_factor():
 
 def test_scale_learning_rates_covers_both_bigan_players_and_refuses_schedules():
     bigan = BiGAN(AlexNet("cifar", 32, widths=TINY), latent_dim=4, generator_width=4, discriminator_width=4,
-                  d_learning_rate=1e-3, eg_learning_rate=2e-3)
+                  d_learning_rate=1e-3, eg_learning_rate=2e-3, e_learning_rate=5e-4)
     bigan.compile()
-    assert distribute.scale_learning_rates(bigan, 4.0) == pytest.approx([8e-3, 4e-3])
+    assert distribute.scale_learning_rates(bigan, 4.0) == pytest.approx([8e-3, 4e-3, 2e-3])  # G, D, E
     assert float(bigan.d_optimizer.learning_rate) == pytest.approx(4e-3)
 
     rotnet = RotNet(AlexNet("cifar", 32, widths=TINY), head_widths=(8,))
