@@ -78,13 +78,18 @@ ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": 
                # k above and below the default 100, and a smaller PCA.
                "deepcluster_a_rgb_k1000": {"sobel": False, "num_clusters": 1000},
                "deepcluster_a_rgb_k20": {"sobel": False, "num_clusters": 20},
-               "deepcluster_a_rgb_pca64": {"sobel": False, "pca_dim": 64}}
+               "deepcluster_a_rgb_pca64": {"sobel": False, "pca_dim": 64},
+               "deepcluster_a_rgb_recluster50": {"sobel": False}}
+#: Rows whose epoch is not ``--steps_per_epoch`` steps long. DeepCluster re-clusters its pool once per epoch, so
+#: this is its re-clustering interval (default every 100 steps).
+ROW_STEPS_PER_EPOCH = {"deepcluster_a_rgb_recluster50": 50}
 ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None),
              "bigan_a_equal_rates": ("bigan", "image_a.jpg"), "bigan_a_slow_encoder": ("bigan", "image_a.jpg"),
              "bigan_b_slow_encoder": ("bigan", "image_b.jpg"),
              "deepcluster_a_rgb_k1000": ("deepcluster", "image_a.jpg"),
              "deepcluster_a_rgb_k20": ("deepcluster", "image_a.jpg"),
-             "deepcluster_a_rgb_pca64": ("deepcluster", "image_a.jpg")})
+             "deepcluster_a_rgb_pca64": ("deepcluster", "image_a.jpg"),
+             "deepcluster_a_rgb_recluster50": ("deepcluster", "image_a.jpg")})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4
@@ -258,12 +263,13 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
             source = cifar_source_images(N_IMAGE_ROWS[row], seed)
         else:
             source = str(SHARED_IMAGES / image_name)
+        steps_per_epoch = args.steps_per_epoch if args.quick else ROW_STEPS_PER_EPOCH.get(row, args.steps_per_epoch)
         patch_size = method_image_size(method, args.image_size)
-        record["patch_size"] = patch_size
+        record.update(patch_size=patch_size, steps_per_epoch=min(steps, steps_per_epoch))
         model = api.fit(
             source, method=method, image_size=patch_size,
-            batch_size=args.batch_size, epochs=max(1, steps // args.steps_per_epoch),
-            steps_per_epoch=min(steps, args.steps_per_epoch), seed=seed, output_dir=str(run_dir),
+            batch_size=args.batch_size, epochs=max(1, steps // steps_per_epoch),
+            steps_per_epoch=min(steps, steps_per_epoch), seed=seed, output_dir=str(run_dir),
             callbacks=callbacks, verbose=0 if args.quick else 2, precision=args.precision,
             trunk=row_trunk(row), **options,
         )
