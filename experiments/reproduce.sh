@@ -42,7 +42,7 @@ if has table; then
   $PY experiments/paper_table.py --rows deepcluster_b,bigan_b_slow_encoder --seeds 0 $TABLE
   # BiGAN with E on G's optimizer (the default before 2026-12-03), and the §5 variants chosen on val
   $PY experiments/paper_table.py --rows bigan_a,bigan_b,bigan_a_equal_rates,deepcluster_a_rgb,random_sobel --seeds 0 $TABLE
-  $PY experiments/paper_table.py --rows deepcluster_a_rgb_k1000,deepcluster_a_rgb_k20,deepcluster_a_rgb_pca64,deepcluster_a_rgb_recluster50 --seeds 0 $TABLE
+  $PY experiments/paper_table.py --rows deepcluster_a_rgb_k1000,deepcluster_a_rgb_k20,deepcluster_a_rgb_k3000,deepcluster_a_rgb_k1000_recluster50 --seeds 0 $TABLE
 fi
 
 if has report; then

@@ -2,9 +2,9 @@
 
 For a stride-1 "same" convolution the filter gradient is, for each kernel offset ``(i, j)``,
 ``dW[i, j] = X_pad[:, i:i+H, j:j+W, :]ᵀ · dY`` with both sides flattened to ``(N·H·W, C)``: k·k plain matmuls.
-On AlexNet's 7x7 and 8x8 conv3-conv5 maps oneDNN's direct backward-weights kernel (``Conv2DBackpropFilter``)
-is slower than those matmuls, on AMX and AVX-512 alike (docs/performance.md); on larger maps (conv2, 16x16,
-5x5 kernels) it is faster, so the layer keeps TensorFlow's own gradient there. The forward pass and the
+On AlexNet's 4x4 to 8x8 conv3-conv5 maps (3x3 kernels) oneDNN's direct backward-weights kernel
+(``Conv2DBackpropFilter``) is 1.3-3.9x slower than those matmuls on the AMX Xeon (docs/performance.md); on conv2
+(5x5 kernels, 8x8 to 16x16 maps) it is as fast or faster, so the layer keeps TensorFlow's own gradient there. The forward pass and the
 gradient with respect to the input are TensorFlow's own ops in every case, and the filter gradient is the same
 sum in another order, so what the layer learns does not change beyond rounding.
 """
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import keras
 
-#: The largest feature-map side (height and width, before padding) that gets the matmul filter gradient: at 8x8
-#: (conv3-conv5 at 64 px) it was 1.2-2x faster than ``Conv2DBackpropFilter``, at 15x15 and 16x16 (conv2) 3x slower.
+#: The largest feature-map side (height and width, before padding) that gets the matmul filter gradient: on
+#: AlexNet's 3x3 convolutions it was faster than ``Conv2DBackpropFilter`` on every map up to 8x8, on conv2's 15x15 and
+#: 16x16 maps 3x slower (experiments/bench_filter_grad.py, docs/performance.md).
 MATMUL_FILTER_GRAD_MAX_SIDE = 8
+#: The largest kernel that gets it: a 5x5 kernel is 25 matmuls, which only tied oneDNN's kernel on conv2's 8x8 map.
+MATMUL_FILTER_GRAD_MAX_KERNEL = 3
 
 
 def matmul_filter_grad(x, dy, kernel_size: int):
@@ -56,8 +59,9 @@ class SmallMapConv2D(keras.layers.Conv2D):
     """``keras.layers.Conv2D`` (same arguments, weights and config) with the matmul filter gradient on small maps.
 
     The faster gradient applies under the TensorFlow backend to stride-1, undilated, ungrouped, channels-last
-    "same" convolutions with an odd square kernel whose input's height and width are known and at most
-    :data:`MATMUL_FILTER_GRAD_MAX_SIDE`; every other call is ``keras.layers.Conv2D``'s.
+    "same" convolutions with an odd square kernel of at most :data:`MATMUL_FILTER_GRAD_MAX_KERNEL` whose input's
+    height and width are known and at most :data:`MATMUL_FILTER_GRAD_MAX_SIDE`; every other call is
+    ``keras.layers.Conv2D``'s.
     """
 
     def _matmul_filter_grad_applies(self, inputs) -> bool:
@@ -66,6 +70,7 @@ class SmallMapConv2D(keras.layers.Conv2D):
         return (keras.backend.backend() == "tensorflow" and self.padding == "same" and self.groups == 1
                 and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1)
                 and self.data_format == "channels_last" and kh == kw and kh % 2 == 1
+                and kh <= MATMUL_FILTER_GRAD_MAX_KERNEL
                 and shape is not None and len(shape) == 4
                 and all(s is not None and s <= MATMUL_FILTER_GRAD_MAX_SIDE for s in shape[1:3]))
 
