@@ -13,6 +13,12 @@ from keras_oneimage.models.conv import SmallMapConv2D
 from keras_oneimage.precision import precision_scope
 
 
+@pytest.fixture
+def as_on_cpu(monkeypatch):
+    """The layer's CPU rule, also on a machine with a GPU (the gradient's arithmetic is the same there)."""
+    monkeypatch.setattr(conv_module, "_no_gpu", lambda: True)
+
+
 def _pair(policy="float32", **kwargs):
     """A stock Conv2D and a SmallMapConv2D with the same arguments and the same weights."""
     with precision_scope(policy):
@@ -32,7 +38,7 @@ def _grads_of(layer, x, upstream):
 
 
 @pytest.mark.parametrize("side,kernel,use_bias", [(4, 3, False), (8, 3, True), (7, 3, False), (5, 1, True)])
-def test_same_outputs_and_gradients_as_keras_conv2d(side, kernel, use_bias):
+def test_same_outputs_and_gradients_as_keras_conv2d(side, kernel, use_bias, as_on_cpu):
     rng = np.random.RandomState(0)
     x = rng.randn(3, side, side, 6).astype("float32")
     stock, ours = _pair(filters=5, kernel_size=kernel, padding="same", use_bias=use_bias)
@@ -50,7 +56,7 @@ def test_same_outputs_and_gradients_as_keras_conv2d(side, kernel, use_bias):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_matmul_filter_gradient_is_used_and_matches_under_bfloat16():
+def test_matmul_filter_gradient_is_used_and_matches_under_bfloat16(as_on_cpu):
     """Under mixed_bfloat16 the kernel gradient (float32, through the cast) matches the stock layer's to bf16
     rounding, and the custom path is the one that ran (its gradient graph has MatMul ops, no
     Conv2DBackpropFilter)."""
@@ -118,3 +124,13 @@ def test_filter_gradient_benchmark_runs_and_agrees():
     for row in rows:
         assert row["tf_ms"] > 0 and row["matmul_ms"] > 0
         assert row["max_rel_diff"] < 1e-4, row
+
+
+def test_a_visible_gpu_keeps_keras_path(monkeypatch):
+    """The matmul gradient was measured on CPUs only; with a GPU visible, cuDNN's own kernel stays."""
+    layer = SmallMapConv2D(filters=4, kernel_size=3, padding="same")
+    shape = keras.KerasTensor((2, 4, 4, 3))
+    monkeypatch.setattr(conv_module, "_no_gpu", lambda: True)
+    assert layer._matmul_filter_grad_applies(shape)
+    monkeypatch.setattr(conv_module, "_no_gpu", lambda: False)
+    assert not layer._matmul_filter_grad_applies(shape)

@@ -4,11 +4,14 @@ For a stride-1 "same" convolution the filter gradient is, for each kernel offset
 ``dW[i, j] = X_pad[:, i:i+H, j:j+W, :]ᵀ · dY`` with both sides flattened to ``(N·H·W, C)``: k·k plain matmuls.
 On AlexNet's 4x4 to 8x8 conv3-conv5 maps (3x3 kernels) oneDNN's direct backward-weights kernel
 (``Conv2DBackpropFilter``) is 1.3-3.9x slower than those matmuls on the AMX Xeon (docs/performance.md); on conv2
-(5x5 kernels, 8x8 to 16x16 maps) it is as fast or faster, so the layer keeps TensorFlow's own gradient there. The forward pass and the
-gradient with respect to the input are TensorFlow's own ops in every case, and the filter gradient is the same
-sum in another order, so what the layer learns does not change beyond rounding.
+(5x5 kernels, 8x8 to 16x16 maps) it is as fast or faster, so the layer keeps TensorFlow's own gradient there, and
+on a GPU, where nothing was measured, cuDNN keeps its own everywhere. The forward pass and the gradient with
+respect to the input are TensorFlow's own ops in every case, and the filter gradient is the same sum in another
+order, so what the layer learns does not change beyond rounding.
 """
 from __future__ import annotations
+
+import functools
 
 import keras
 
@@ -18,6 +21,14 @@ import keras
 MATMUL_FILTER_GRAD_MAX_SIDE = 8
 #: The largest kernel that gets it: a 5x5 kernel is 25 matmuls, which only tied oneDNN's kernel on conv2's 8x8 map.
 MATMUL_FILTER_GRAD_MAX_KERNEL = 3
+
+
+@functools.lru_cache(maxsize=1)
+def _no_gpu() -> bool:
+    """True when TensorFlow sees no GPU: the matmul gradient was measured, and pays, on CPUs only."""
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU")
 
 
 def matmul_filter_grad(x, dy, kernel_size: int):
@@ -58,16 +69,16 @@ def _conv2d_same_with_matmul_filter_grad(x, kernel):
 class SmallMapConv2D(keras.layers.Conv2D):
     """``keras.layers.Conv2D`` (same arguments, weights and config) with the matmul filter gradient on small maps.
 
-    The faster gradient applies under the TensorFlow backend to stride-1, undilated, ungrouped, channels-last
-    "same" convolutions with an odd square kernel of at most :data:`MATMUL_FILTER_GRAD_MAX_KERNEL` whose input's
-    height and width are known and at most :data:`MATMUL_FILTER_GRAD_MAX_SIDE`; every other call is
-    ``keras.layers.Conv2D``'s.
+    The faster gradient applies under the TensorFlow backend, with no GPU visible, to stride-1, undilated,
+    ungrouped, channels-last "same" convolutions with an odd square kernel of at most
+    :data:`MATMUL_FILTER_GRAD_MAX_KERNEL` whose input's height and width are known and at most
+    :data:`MATMUL_FILTER_GRAD_MAX_SIDE`; every other call is ``keras.layers.Conv2D``'s.
     """
 
     def _matmul_filter_grad_applies(self, inputs) -> bool:
         shape = getattr(inputs, "shape", None)
         kh, kw = self.kernel_size
-        return (keras.backend.backend() == "tensorflow" and self.padding == "same" and self.groups == 1
+        return (keras.backend.backend() == "tensorflow" and _no_gpu() and self.padding == "same" and self.groups == 1
                 and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1)
                 and self.data_format == "channels_last" and kh == kw and kh % 2 == 1
                 and kh <= MATMUL_FILTER_GRAD_MAX_KERNEL
