@@ -40,7 +40,8 @@ Variant names (``--variants``, comma-separated):
 Without PyTorch installed the ``torch`` variants are skipped (ratios are then printed against the first
 variant). ``--accuracy`` instead trains RotNets with and without a lever (``--accuracy-arms``: float32 against
 mixed_bfloat16 by default, ``bf16,bf16-tfgrad`` for the filter-gradient lever) on the same seed and compares their
-loss curves and linear-probe accuracy on a CIFAR-10 subset. Results and the levers they decided: docs/performance.md. Usage:
+loss curves and linear-probe accuracy on a CIFAR-10 subset. Results and the levers they decided:
+docs/performance.md. Usage:
 
     .venv/bin/python experiments/bench_train.py [--sizes 32,64,224] [--batch 64] [--windows 5] [--steps 3]
         [--variants keras-bf16,keras-bf16-fusedsgd,torch-bf16-cl,torch-bf16-cl-compile] [--threads INTRA,INTER] [--torch-threads N]
@@ -542,8 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     if args.accuracy:
-        print(f"accuracy check ({args.accuracy_arms}): {sizes[0]} px, batch {args.batch}, {args.accuracy_steps} steps, probes on "
-              f"{args.probe_per_class} CIFAR-10 images per class, {args.probe_epochs} epochs", flush=True)
+        print(f"accuracy check ({args.accuracy_arms}): {sizes[0]} px, batch {args.batch}, {args.accuracy_steps} steps, "
+              f"probes on {args.probe_per_class} CIFAR-10 images per class, {args.probe_epochs} epochs", flush=True)
         rows = accuracy_check(size=sizes[0], batch=args.batch, steps=args.accuracy_steps, image=args.image,
                               per_class=args.probe_per_class, probe_epochs=args.probe_epochs,
                               arms=[a.strip() for a in args.accuracy_arms.split(",") if a.strip()],
