@@ -117,40 +117,38 @@ def alexnet_variant(size: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ ours (Keras)
 @contextlib.contextmanager
-def _stock_batchnorm(enabled: bool):
-    """Build with ``keras.layers.BatchNormalization`` in place of ``FusedBatchNormalization`` (lever A/B only)."""
+def _replaced(modules, name: str, stock, enabled: bool):
+    """Build with ``stock`` in place of our layer class ``name`` in each of ``modules`` (a lever's before)."""
     if not enabled:
         yield
         return
+    saved = [getattr(module, name) for module in modules]
+    for module in modules:
+        setattr(module, name, stock)
+    try:
+        yield
+    finally:
+        for module, ours in zip(modules, saved):
+            setattr(module, name, ours)
+
+
+def _stock_batchnorm(enabled: bool):
+    """``keras.layers.BatchNormalization`` in place of ``FusedBatchNormalization``."""
     import keras
 
     from keras_oneimage.methods import rotnet
     from keras_oneimage.models import alexnet
 
-    saved = alexnet.FusedBatchNormalization, rotnet.FusedBatchNormalization
-    alexnet.FusedBatchNormalization = rotnet.FusedBatchNormalization = keras.layers.BatchNormalization
-    try:
-        yield
-    finally:
-        alexnet.FusedBatchNormalization, rotnet.FusedBatchNormalization = saved
+    return _replaced((alexnet, rotnet), "FusedBatchNormalization", keras.layers.BatchNormalization, enabled)
 
 
-@contextlib.contextmanager
 def _stock_conv(enabled: bool):
-    """Build with ``keras.layers.Conv2D`` in place of ``SmallMapConv2D`` (lever A/B only)."""
-    if not enabled:
-        yield
-        return
+    """``keras.layers.Conv2D`` in place of ``SmallMapConv2D``."""
     import keras
 
     from keras_oneimage.models import alexnet
 
-    saved = alexnet.SmallMapConv2D
-    alexnet.SmallMapConv2D = keras.layers.Conv2D
-    try:
-        yield
-    finally:
-        alexnet.SmallMapConv2D = saved
+    return _replaced((alexnet,), "SmallMapConv2D", keras.layers.Conv2D, enabled)
 
 
 class KerasStep:

@@ -68,29 +68,30 @@ ROWS.update({"rotnet_a_resnet18": ("rotnet", "image_a.jpg"), "random_resnet18": 
 #: ``deepcluster_a_rgb`` trains DeepCluster on colour. ``bigan_a_equal_rates`` trains BiGAN at Donahue et al.'s
 #: equal rates (2e-4 for both players) instead of our two time-scales; ``bigan_a_slow_encoder`` keeps them but
 #: steps the encoder at D's 5e-5 instead of G's 5e-4 (RESULTS.md: E's gradient says little, and Adam takes full steps).
-ROW_OPTIONS = {"deepcluster_a_rgb": {"sobel": False}, "random_sobel": {"sobel": True},
-               # BiGAN's encoder got an optimizer of its own (5e-5) by default on 2026-12-03, chosen on val with the
-               # slow-encoder rows; the rows that ran before keep E on G's optimizer, so their commands reproduce.
-               "bigan_a": {"e_learning_rate": None}, "bigan_b": {"e_learning_rate": None},
-               "bigan_a_equal_rates": {"d_learning_rate": 2e-4, "eg_learning_rate": 2e-4, "e_learning_rate": None},
-               "bigan_a_slow_encoder": {"e_learning_rate": 5e-5}, "bigan_b_slow_encoder": {"e_learning_rate": 5e-5},
-               # DeepCluster's §5 knobs, each on top of the colour input that beat Sobel on val (RESULTS.md):
-               # k above and below the default 100; then, on val's best k (1000), more clusters still and a
-               # shorter re-clustering interval.
-               "deepcluster_a_rgb_k1000": {"sobel": False, "num_clusters": 1000},
-               "deepcluster_a_rgb_k20": {"sobel": False, "num_clusters": 20},
-               "deepcluster_a_rgb_k3000": {"sobel": False, "num_clusters": 3000},
-               "deepcluster_a_rgb_k1000_recluster50": {"sobel": False, "num_clusters": 1000}}
+#: Each entry is ``row: (method, source image, fit options)``.
+VARIANT_ROWS = {
+    "deepcluster_a_rgb": ("deepcluster", "image_a.jpg", {"sobel": False}),
+    "random_sobel": (None, None, {"sobel": True}),
+    "bigan_a_equal_rates": ("bigan", "image_a.jpg",
+                            {"d_learning_rate": 2e-4, "eg_learning_rate": 2e-4, "e_learning_rate": None}),
+    "bigan_a_slow_encoder": ("bigan", "image_a.jpg", {"e_learning_rate": 5e-5}),
+    "bigan_b_slow_encoder": ("bigan", "image_b.jpg", {"e_learning_rate": 5e-5}),
+    # DeepCluster's §5 knobs, each on top of the colour input that beat Sobel on val (RESULTS.md): k above and
+    # below the default 100; then, on val's best k (1000), more clusters still and a shorter re-clustering interval.
+    "deepcluster_a_rgb_k1000": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 1000}),
+    "deepcluster_a_rgb_k20": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 20}),
+    "deepcluster_a_rgb_k3000": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 3000}),
+    "deepcluster_a_rgb_k1000_recluster50": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 1000}),
+}
+ROWS.update({row: (method, image) for row, (method, image, _) in VARIANT_ROWS.items()})
+#: Every row's own fit (or trunk) options. BiGAN's encoder got an optimizer of its own (5e-5) by default on
+#: 2026-12-03, chosen on val with the slow-encoder rows; the rows that ran before keep E on G's optimizer, so their
+#: commands still reproduce them.
+ROW_OPTIONS = {row: options for row, (_, _, options) in VARIANT_ROWS.items()}
+ROW_OPTIONS.update({"bigan_a": {"e_learning_rate": None}, "bigan_b": {"e_learning_rate": None}})
 #: Rows whose epoch is not ``--steps_per_epoch`` steps long. DeepCluster re-clusters its pool once per epoch, so
 #: this is its re-clustering interval (default every 100 steps).
 ROW_STEPS_PER_EPOCH = {"deepcluster_a_rgb_k1000_recluster50": 50}
-ROWS.update({"deepcluster_a_rgb": ("deepcluster", "image_a.jpg"), "random_sobel": (None, None),
-             "bigan_a_equal_rates": ("bigan", "image_a.jpg"), "bigan_a_slow_encoder": ("bigan", "image_a.jpg"),
-             "bigan_b_slow_encoder": ("bigan", "image_b.jpg"),
-             "deepcluster_a_rgb_k1000": ("deepcluster", "image_a.jpg"),
-             "deepcluster_a_rgb_k20": ("deepcluster", "image_a.jpg"),
-             "deepcluster_a_rgb_k3000": ("deepcluster", "image_a.jpg"),
-             "deepcluster_a_rgb_k1000_recluster50": ("deepcluster", "image_a.jpg")})
 #: CIFAR-10 source images are scaled up this many times (bicubic) before patches are cut, so that the augmentation's
 #: smallest crops (area fraction β = 1e-4 of the image, Asano et al. §3) still span a few source pixels.
 CIFAR_SOURCE_UPSCALE = 4

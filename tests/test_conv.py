@@ -48,12 +48,10 @@ def test_same_outputs_and_gradients_as_keras_conv2d(side, kernel, use_bias, as_o
     stock.set_weights(ours.get_weights())
     assert ours._matmul_filter_grad_applies(tf.zeros(x.shape))
     upstream = rng.randn(3, side, side, 5).astype("float32")
-    for a, b in zip(_grads_of(ours, x, upstream), _grads_of(stock, x, upstream)):
-        if isinstance(a, list):
-            for ga, gb in zip(a, b):
-                np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
-        else:
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    (y, dx, dws), (y_ref, dx_ref, dws_ref) = _grads_of(ours, x, upstream), _grads_of(stock, x, upstream)
+    assert len(dws) == len(dws_ref) == (2 if use_bias else 1)
+    for got, want in zip([y, dx, *dws], [y_ref, dx_ref, *dws_ref]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_matmul_filter_gradient_is_used_and_matches_under_bfloat16(as_on_cpu):

@@ -559,7 +559,8 @@ def test_a_real_full_disk_is_one_line_and_exit_2_not_a_segfault(image, tmp_path,
     """
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "16M"):
-        pytest.skip("mounting a tmpfs needs root (mount -t tmpfs); the ENOSPC paths are also tested by injection")
+        pytest.skip("`mount -t tmpfs` was refused here (it needs root with mount rights); the ENOSPC paths are also "
+                    "tested by injection")
     try:
         out = disk / "run"
         filler = disk / "filler"
