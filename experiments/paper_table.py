@@ -89,6 +89,11 @@ ROWS.update({row: (method, image) for row, (method, image, _) in VARIANT_ROWS.it
 #: commands still reproduce them.
 ROW_OPTIONS = {row: options for row, (_, _, options) in VARIANT_ROWS.items()}
 ROW_OPTIONS.update({"bigan_a": {"e_learning_rate": None}, "bigan_b": {"e_learning_rate": None}})
+#: Run-length rows (issue #12 §5: is RotNet's conv2 gap to supervised its budget, or its single image?): RotNet at
+#: three times its 30-minute step count, from Image A and from 1,000 CIFAR-10 images, each beside its 1,500-step row.
+#: Each entry is ``row: (the row it lengthens, its step count)``; source image and options are that row's.
+LONG_ROWS = {"rotnet_a_steps4500": ("rotnet_a", 4500), "rotnet_n1000_steps4500": ("rotnet_n1000", 4500)}
+ROWS.update({row: ROWS[base] for row, (base, _) in LONG_ROWS.items()})
 #: Rows whose epoch is not ``--steps_per_epoch`` steps long. DeepCluster re-clusters its pool once per epoch, so
 #: this is its re-clustering interval (default every 100 steps).
 ROW_STEPS_PER_EPOCH = {"deepcluster_a_rgb_k1000_recluster50": 50}
@@ -169,8 +174,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def method_steps(method: str, args: argparse.Namespace) -> int:
+def method_steps(method: str, args: argparse.Namespace, row: str | None = None) -> int:
+    """Training steps of ``row``: its own count if it is a :data:`LONG_ROWS` row (outside ``--quick``), else its
+    method's ``--steps``."""
+    if row in LONG_ROWS and not args.quick:
+        return LONG_ROWS[row][1]
     return STEPS_30MIN[method] if args.steps == "30min" else int(args.steps)
+
+
+def source_image_count(row: str) -> int | None:
+    """How many CIFAR-10 train images ``row`` trains from (:data:`N_IMAGE_ROWS`, directly or through the row it
+    lengthens), or None for a row trained from one of the paper's images."""
+    return N_IMAGE_ROWS.get(LONG_ROWS[row][0] if row in LONG_ROWS else row)
 
 
 def _row_command(row: str, seed: int, args: argparse.Namespace) -> str:
@@ -259,10 +274,10 @@ def train_row(row: str, seed: int, args: argparse.Namespace) -> dict:
                       labelled_images_seen=reference["epochs_run"] * reference["train_images"],
                       reference_command=reference["command"])
     else:
-        steps = method_steps(method, args)
+        steps = method_steps(method, args, row)
         callbacks = [TimeBudget(args.train_minutes)] if args.train_minutes else []
-        if row in N_IMAGE_ROWS:
-            source = cifar_source_images(N_IMAGE_ROWS[row], seed)
+        if source_image_count(row):
+            source = cifar_source_images(source_image_count(row), seed)
         else:
             source = str(SHARED_IMAGES / image_name)
         steps_per_epoch = args.steps_per_epoch if args.quick else ROW_STEPS_PER_EPOCH.get(row, args.steps_per_epoch)
