@@ -31,6 +31,8 @@ Variant names (``--variants``, comma-separated):
                      (the lever's before/after)
       -tfgrad        stock ``keras.layers.Conv2D`` (TensorFlow's ``Conv2DBackpropFilter`` everywhere) instead of our
                      ``SmallMapConv2D`` (matmul filter gradients on conv3-conv5's small maps; the lever's before/after)
+      -stockstem     stock ``keras.layers.Conv2D`` for the strided conv1 instead of our ``SpaceToDepthConv2D``
+                     (the ImageNet stem on space-to-depth blocks; the lever's before/after)
   torch[-bf16][-cl][-compile]                       the PyTorch step on one fixed random batch
       -bf16          ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass
       -cl            ``channels_last`` memory format
@@ -39,7 +41,8 @@ Variant names (``--variants``, comma-separated):
 
 Without PyTorch installed the ``torch`` variants are skipped (ratios are then printed against the first
 variant). ``--accuracy`` instead trains RotNets with and without a lever (``--accuracy-arms``: float32 against
-mixed_bfloat16 by default, ``bf16,bf16-tfgrad`` for the filter-gradient lever) on the same seed and compares their
+mixed_bfloat16 by default, ``bf16,bf16-tfgrad`` for the filter-gradient lever, ``bf16,bf16-stockstem`` for the
+space-to-depth stem) on the same seed and compares their
 loss curves and linear-probe accuracy on a CIFAR-10 subset. Results and the levers they decided:
 docs/performance.md. Usage:
 
@@ -84,7 +87,7 @@ def parse_variant(name: str) -> dict:
     if framework not in ("keras", "torch"):
         raise ValueError(f"variant {name!r}: must start with 'keras' or 'torch'")
     spec = {"name": name, "framework": framework, "precision": "fp32", "jit": None, "spe": None, "pipe": False,
-            "channels_last": False, "keras_bn": False, "fused_sgd": False, "tf_grad": False,
+            "channels_last": False, "keras_bn": False, "fused_sgd": False, "tf_grad": False, "stock_stem": False,
             "compile": False}
     for tok in tokens[1:]:
         if tok in ("fp32", "bf16"):
@@ -101,6 +104,8 @@ def parse_variant(name: str) -> dict:
             spec["fused_sgd"] = True
         elif tok == "tfgrad" and framework == "keras":
             spec["tf_grad"] = True
+        elif tok == "stockstem" and framework == "keras":
+            spec["stock_stem"] = True
         elif tok == "cl" and framework == "torch":
             spec["channels_last"] = True
         elif tok == "compile" and framework == "torch":
@@ -151,6 +156,15 @@ def _stock_conv(enabled: bool):
     return _replaced((alexnet,), "SmallMapConv2D", keras.layers.Conv2D, enabled)
 
 
+def _stock_stem(enabled: bool):
+    """``keras.layers.Conv2D`` in place of ``SpaceToDepthConv2D``."""
+    import keras
+
+    from keras_oneimage.models import alexnet
+
+    return _replaced((alexnet,), "SpaceToDepthConv2D", keras.layers.Conv2D, enabled)
+
+
 class KerasStep:
     """Our RotNet, compiled as ``fit`` compiles it; ``run(n)`` does ``n`` training steps through ``train_function``."""
 
@@ -168,7 +182,7 @@ class KerasStep:
         keras.utils.set_random_seed(seed)
         # as keras_oneimage.fit builds it: inside a precision scope, which the models record in their config
         with precision_scope("mixed_bfloat16" if spec["precision"] == "bf16" else "float32"):
-            with _stock_batchnorm(spec["keras_bn"]), _stock_conv(spec["tf_grad"]):
+            with _stock_batchnorm(spec["keras_bn"]), _stock_conv(spec["tf_grad"]), _stock_stem(spec["stock_stem"]):
                 model = RotNet(AlexNet(alexnet_variant(size), size, widths=widths), head_widths=head)
         compile_kw = {}
         if spec["jit"] is not None:
@@ -436,17 +450,19 @@ def report(size: int, batch: int, result: dict, memory: dict, reference: str) ->
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
-#: ``--accuracy-arms`` tokens: (precision policy, train at all, stock Conv2D filter gradients).
-ACCURACY_ARMS = {"random": ("float32", False, False), "fp32": ("float32", True, False),
-                 "bf16": ("mixed_bfloat16", True, False), "fp32-tfgrad": ("float32", True, True),
-                 "bf16-tfgrad": ("mixed_bfloat16", True, True)}
+#: ``--accuracy-arms`` tokens: (precision policy, train at all, stock Conv2D filter gradients, stock strided conv1).
+ACCURACY_ARMS = {"random": ("float32", False, False, False), "fp32": ("float32", True, False, False),
+                 "bf16": ("mixed_bfloat16", True, False, False), "fp32-tfgrad": ("float32", True, True, False),
+                 "bf16-tfgrad": ("mixed_bfloat16", True, True, False),
+                 "fp32-stockstem": ("float32", True, False, True), "bf16-stockstem": ("mixed_bfloat16", True, False, True)}
 
 
 def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class: int, probe_epochs: int,
                    seed: int = 0, arms: Sequence[str] = ("random", "fp32", "bf16"), epochs: int = 4) -> dict:
     """Does a lever change what RotNet learns? Trains RotNet as ``fit`` does (default head, SGD) once per arm on
     the same seed and patch stream (``fp32`` / ``bf16``: the precision policy; ``-tfgrad``: stock Conv2D filter
-    gradients, the before of the ``SmallMapConv2D`` lever), prints each epoch's loss, then fits linear probes on
+    gradients, the before of the ``SmallMapConv2D`` lever; ``-stockstem``: Conv2D's own strided conv1, the before of
+    ``SpaceToDepthConv2D``), prints each epoch's loss, then fits linear probes on
     every tap over a CIFAR-10 subset (``per_class`` train and test images per class); ``random`` is the floor."""
     import keras
 
@@ -466,9 +482,9 @@ def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class:
     source = [load_image(image)]
     rows = {}
     for name in arms:
-        policy, train, stock_conv = ACCURACY_ARMS[name]
+        policy, train, stock_conv, stock_stem = ACCURACY_ARMS[name]
         keras.utils.set_random_seed(seed)
-        with precision_scope(policy), _stock_conv(stock_conv):
+        with precision_scope(policy), _stock_conv(stock_conv), _stock_stem(stock_stem):
             model = RotNet(AlexNet(alexnet_variant(size), size))
         start = time.perf_counter()
         history = {}

@@ -243,7 +243,7 @@ def _self_times(events):
     return result
 
 
-def breakdown(space, optimizer_scopes: set[str], steps: int) -> dict:
+def breakdown(space, optimizer_scopes: set[str], steps: int, top_ops: int = 20) -> dict:
     """Per-category op time, wall time and time outside every op, per step, from a host ``XSpace``."""
     host = next((p for p in space.planes if p.name == "/host:CPU"), None)
     if host is None:
@@ -287,7 +287,7 @@ def breakdown(space, optimizer_scopes: set[str], steps: int) -> dict:
     in_ops_ps = _union_length(_clip(union_ops, windows))
     ms = 1e-9 / steps  # picoseconds summed over the steps -> milliseconds per step
     categories = {c: totals.get(c, 0) * ms for c in CATEGORIES}
-    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:20]
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:top_ops]
     return {
         "steps_traced": len(windows),
         "wall_ms": wall_ps * ms,
@@ -295,7 +295,9 @@ def breakdown(space, optimizer_scopes: set[str], steps: int) -> dict:
         "op_total_ms": sum(categories.values()),
         "op_union_ms": in_ops_ps * ms,
         "not_in_any_op_ms": (wall_ps - in_ops_ps) * ms,
-        "top_ops_ms": [{"op": f"{node}:{kind}", "ms": t * ms} for (node, kind), t in top],
+        "top_ops_ms": [{"op": f"{node}:{kind}", "ms": t * ms,
+                        "category": "input pipeline" if kind == "input pipeline" else categorize(node, kind, optimizer_scopes)}
+                       for (node, kind), t in top],
     }
 
 
@@ -315,8 +317,8 @@ def print_table(result: dict) -> None:
     print("Summed op time can exceed the wall time: independent ops run at once (inter-op parallelism) and tf.data "
           "renders the next batch in the background.")
     print("\ntop ops (ms/step):")
-    for row in result["top_ops_ms"][:12]:
-        print(f"  {row['ms']:8.1f}  {row['op'][:110]}")
+    for row in result["top_ops_ms"]:
+        print(f"  {row['ms']:8.1f}  {row.get('category', ''):<26} {row['op'][:100]}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="DeepCluster's pool (the step gathers from it; its size does not change the step)")
     parser.add_argument("--image", default=str(DEFAULT_IMAGE) if DEFAULT_IMAGE.exists() else None,
                         help="source image (default: Image A if present, else fit's default photograph)")
+    parser.add_argument("--top", type=int, default=12, help="how many of the slowest ops to list")
     parser.add_argument("--logdir", default=None, help="keep the profile here (TensorBoard's profile plugin)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--quick", action="store_true", help="tiny widths, 32 px, batch 2, 2 steps: seconds")
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss = runner.loss()
         if loss != loss:
             raise SystemExit("the loss became NaN")
-        result = breakdown(load_xspace(logdir), runner.optimizer_scopes(), args.steps)
+        result = breakdown(load_xspace(logdir), runner.optimizer_scopes(), args.steps, args.top)
     result["outside_train_function_ms"] = 1e3 * outside_s / args.steps
     result.update(method=args.method, size=args.size, batch=args.batch, precision=runner.run.precision,
                   variant=runner.run.variant, widths=list(widths), options={k: list(v) if isinstance(v, tuple) else v

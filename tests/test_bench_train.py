@@ -83,7 +83,8 @@ def test_variant_tokens_and_peer_best():
 
 
 def test_tfgrad_builds_the_lever_before():
-    """``-tfgrad`` builds the trunk with stock Conv2D layers; the default with SmallMapConv2D; the swap is undone."""
+    """``-tfgrad`` builds the trunk with stock Conv2D layers, ``-stockstem`` its strided conv1; the defaults are
+    SmallMapConv2D and SpaceToDepthConv2D; the swaps are undone."""
     import keras
 
     from keras_oneimage.models import AlexNet, conv
@@ -97,6 +98,15 @@ def test_tfgrad_builds_the_lever_before():
     with script["_stock_conv"](True):
         assert conv_types() == {keras.layers.Conv2D}
     assert conv_types() == {conv.SmallMapConv2D}
+
+    def stem_type():
+        trunk = AlexNet("imagenet", 128, widths=(4, 4, 4, 4, 4))
+        return type(trunk.get_layer("conv1").conv)
+
+    with script["_stock_stem"](True):
+        assert stem_type() is keras.layers.Conv2D
+    assert stem_type() is conv.SpaceToDepthConv2D
+    assert script["parse_variant"]("keras-bf16-stockstem")["stock_stem"]
     with pytest.raises(SystemExit, match="unknown --accuracy-arms"):
         script["accuracy_check"](size=32, batch=2, steps=1, image=pathlib.Path("x"), per_class=1, probe_epochs=1,
                                  arms=["bf16", "int8"])
