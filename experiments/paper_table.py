@@ -82,6 +82,9 @@ VARIANT_ROWS = {
     "deepcluster_a_rgb_k20": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 20}),
     "deepcluster_a_rgb_k3000": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 3000}),
     "deepcluster_a_rgb_k1000_recluster50": ("deepcluster", "image_a.jpg", {"sobel": False, "num_clusters": 1000}),
+    # val's best k against the default 100 on the other image: does k = 1,000 win beyond one image's noise?
+    "deepcluster_b_rgb": ("deepcluster", "image_b.jpg", {"sobel": False}),
+    "deepcluster_b_rgb_k1000": ("deepcluster", "image_b.jpg", {"sobel": False, "num_clusters": 1000}),
 }
 ROWS.update({row: (method, image) for row, (method, image, _) in VARIANT_ROWS.items()})
 #: Every row's own fit (or trunk) options. BiGAN's encoder got an optimizer of its own (5e-5) by default on

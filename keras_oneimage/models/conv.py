@@ -15,9 +15,10 @@ order, so what the layer learns does not change beyond rounding.
 **Strided stems.** A stride-s convolution of a few input channels (conv1: 3 colour channels, 11x11 stride 4 in
 the ImageNet stem) is the same sum as a stride-1 convolution of the input's s x s space-to-depth blocks
 (``s·s·C_in`` channels) with the kernel zero-padded to a multiple of s and regrouped the same way (the
-"space-to-depth stem" of TPU ResNet trainings). oneDNN's kernels use the AMX tiles badly on 3 input channels and
-well on 48, so the forward pass and the filter gradient together run 1.45x faster at 128 px and 1.74x at 224 px
-(docs/performance.md); at 64 px (5x5 stride 2, 12 channels) they tie, and the layer keeps ``Conv2D``'s op.
+"space-to-depth stem" of TPU ResNet trainings). oneDNN's kernels fill the AMX tiles poorly from 3 input channels
+and better from 48: on a quiet 2-core AMX Xeon the forward pass and filter gradient together ran 1.09x faster at
+128 px and 1.17x at 224 px, the whole RotNet step 2.5-3.9 % faster at 128 px (docs/performance.md); at 64 px (5x5
+stride 2, 12 channels) they tie, and the layer keeps ``Conv2D``'s op there.
 """
 from __future__ import annotations
 
