@@ -454,7 +454,8 @@ def report(size: int, batch: int, result: dict, memory: dict, reference: str) ->
 ACCURACY_ARMS = {"random": ("float32", False, False, False), "fp32": ("float32", True, False, False),
                  "bf16": ("mixed_bfloat16", True, False, False), "fp32-tfgrad": ("float32", True, True, False),
                  "bf16-tfgrad": ("mixed_bfloat16", True, True, False),
-                 "fp32-stockstem": ("float32", True, False, True), "bf16-stockstem": ("mixed_bfloat16", True, False, True)}
+                 "fp32-stockstem": ("float32", True, False, True),
+                 "bf16-stockstem": ("mixed_bfloat16", True, False, True)}
 
 
 def accuracy_check(*, size: int, batch: int, steps: int, image: Path, per_class: int, probe_epochs: int,

@@ -243,6 +243,11 @@ def _self_times(events):
     return result
 
 
+def _top_op_category(node: str, kind: str, optimizer_scopes: set[str]) -> str:
+    """The category of one row of the top-ops list (the tf.data threads' row is not an op event)."""
+    return "input pipeline" if kind == "input pipeline" else categorize(node, kind, optimizer_scopes)
+
+
 def breakdown(space, optimizer_scopes: set[str], steps: int, top_ops: int = 20) -> dict:
     """Per-category op time, wall time and time outside every op, per step, from a host ``XSpace``."""
     host = next((p for p in space.planes if p.name == "/host:CPU"), None)
@@ -295,8 +300,7 @@ def breakdown(space, optimizer_scopes: set[str], steps: int, top_ops: int = 20) 
         "op_total_ms": sum(categories.values()),
         "op_union_ms": in_ops_ps * ms,
         "not_in_any_op_ms": (wall_ps - in_ops_ps) * ms,
-        "top_ops_ms": [{"op": f"{node}:{kind}", "ms": t * ms,
-                        "category": "input pipeline" if kind == "input pipeline" else categorize(node, kind, optimizer_scopes)}
+        "top_ops_ms": [{"op": f"{node}:{kind}", "ms": t * ms, "category": _top_op_category(node, kind, optimizer_scopes)}
                        for (node, kind), t in top],
     }
 
