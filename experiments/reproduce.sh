@@ -43,6 +43,9 @@ if has table; then
   # BiGAN with E on G's optimizer (the default before 2026-12-03), and the §5 variants chosen on val
   $PY experiments/paper_table.py --rows bigan_a,bigan_b,bigan_a_equal_rates,deepcluster_a_rgb,random_sobel --seeds 0 $TABLE
   $PY experiments/paper_table.py --rows deepcluster_a_rgb_k1000,deepcluster_a_rgb_k20,deepcluster_a_rgb_k3000,deepcluster_a_rgb_k1000_recluster50 --seeds 0 $TABLE
+  $PY experiments/paper_table.py --rows deepcluster_b_rgb,deepcluster_b_rgb_k1000 --seeds 0 $TABLE
+  # run length: RotNet at 3x its 30-minute steps, from Image A and from 1,000 CIFAR-10 images (~40 min each alone)
+  $PY experiments/paper_table.py --rows rotnet_a_steps4500,rotnet_n1000_steps4500 --seeds 0 $TABLE
 fi
 
 if has report; then
